@@ -1,0 +1,154 @@
+"""Data: the embedded procedural shapes dataset (the default, offline) and MNIST from IDX files.
+
+Shapes: circle / square / triangle x red / green / blue = 9 classes (label = 3 * shape + colour),
+random size and position, anti-aliased, on a black background; images in [-1, 1], (B, 3, S, S)
+with S = 16 by default (8, 32 and 64 also work). Deterministic for a seed. The attributes (shape,
+colour, centre, radius in pixels) come with the images for programmatic checks and rewards, and
+`render_shapes` draws any attributes, so a script can animate shapes (forcing_kv.py).
+"""
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.config import REPO, UserError
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = ("red", "green", "blue")
+HELD_OUT_OFFSET = 1_000_003  # the held-out split of shapes is the same generator at seed + this
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # (B, C, S, S) in [-1, 1]
+    labels: torch.Tensor  # (B,) int64
+    class_names: list
+    attrs: dict | None = None  # shapes only: shape, colour (B,) int; cx, cy, r (B,) pixels
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[-1]
+
+
+def render_shapes(shape, colour, cx, cy, r, size: int) -> torch.Tensor:
+    """Draw one shape per image. shape, colour: (B,) ints; cx, cy, r: (B,) float pixels.
+    -> (B, 3, size, size) in [-1, 1]. Signed distances give one pixel of anti-aliasing."""
+    B = shape.shape[0]
+    coords = torch.arange(size, dtype=torch.float32) + 0.5  # pixel centres
+    dx = coords[None, None, :] - cx.float()[:, None, None]  # (B, 1, S)
+    dy = coords[None, :, None] - cy.float()[:, None, None]  # (B, S, 1)
+    dx, dy = dx.expand(B, size, size), dy.expand(B, size, size)
+    r = r.float()[:, None, None]
+    circle = torch.sqrt(dx**2 + dy**2) - r
+    square = torch.maximum(dx.abs(), dy.abs()) - 0.85 * r  # side 1.7 r: about a circle's area
+    R = 1.25 * r  # equilateral triangle, apex up, circumradius R, inradius R / 2
+    edges = [(0.0, 1.0), (0.866, -0.5), (-0.866, -0.5)]  # outward normals (image y points down)
+    triangle = torch.stack([nx * dx + ny * dy for nx, ny in edges]).amax(0) - R / 2
+    sd = torch.where(shape[:, None, None] == 0, circle, torch.where(shape[:, None, None] == 1, square, triangle))
+    alpha = (0.5 - sd).clamp(0, 1)[:, None]  # (B, 1, S, S)
+    rgb = -torch.ones(B, 3)
+    rgb[torch.arange(B), colour] = 1.0  # pure red, green or blue in [-1, 1]
+    return -1 + alpha * (rgb[:, :, None, None] + 1)
+
+
+def shapes(n: int, size: int = 16, seed: int = 0) -> Dataset:
+    """n random shapes images, deterministic for (n, size, seed)."""
+    if size < 8:
+        raise UserError(f"shapes need an image size of at least 8 pixels, got {size}")
+    g = torch.Generator().manual_seed(seed)
+    shape = torch.randint(0, 3, (n,), generator=g)
+    colour = torch.randint(0, 3, (n,), generator=g)
+    r = size * (0.18 + 0.14 * torch.rand(n, generator=g))  # radius 18-32% of the image
+    margin = 1.1 * r  # keep the whole shape inside the frame
+    cx = margin + (size - 2 * margin) * torch.rand(n, generator=g)
+    cy = margin + (size - 2 * margin) * torch.rand(n, generator=g)
+    images = render_shapes(shape, colour, cx, cy, r, size)
+    names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
+    attrs = dict(shape=shape, colour=colour, cx=cx, cy=cy, r=r)
+    return Dataset(images, 3 * shape + colour, names, attrs)
+
+
+# --- MNIST from the standard IDX files ---------------------------------------------------------
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (optionally .gz): unsigned bytes with a magic number and dimensions."""
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype != 0x08 or ndim not in (1, 3):
+            raise ValueError(f"bad magic number {raw[:4].hex()}")
+        dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+        body = raw[4 + 4 * ndim:]
+        if len(body) != int(torch.tensor(dims).prod()):
+            raise ValueError(f"expected {int(torch.tensor(dims).prod())} bytes of data, found {len(body)}")
+    except (OSError, EOFError, ValueError, struct.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: not a valid IDX file ({e}); delete it and fetch MNIST again") from None
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for d in (folder, folder / "MNIST" / "raw"):  # the second is where torchvision downloads to
+        for name in (stem + ".gz", stem):
+            if (d / name).exists():
+                return d / name
+    return None
+
+
+def mnist(folder, split: str = "train", size: int = 28, download: bool = False) -> Dataset:
+    """MNIST digits as (B, 1, size, size) in [-1, 1]. Reads the IDX files from `folder`.
+
+    If only the 10,000-image test files are there (as in this repository's test fixtures),
+    they are split deterministically: the first 8,000 are 'train', the last 2,000 'test'.
+    `download=True` fetches the files through torchvision first (the only network access)."""
+    folder = Path(folder)
+    if download:
+        import torchvision
+
+        for train in (True, False):
+            torchvision.datasets.MNIST(folder, train=train, download=True)
+    found = {k: [_find(folder, s) for s in v] for k, v in MNIST_FILES.items()}
+    have = {k: all(found[k]) for k in found}
+    if not any(have.values()):
+        raise UserError(f"no MNIST IDX files (t10k-images-idx3-ubyte[.gz] ...) in {folder}; "
+                        "point --data-root at a folder that holds them, or add --download")
+    if have[split]:
+        images, labels = (read_idx(p) for p in found[split])
+    else:
+        images, labels = (read_idx(p) for p in found["test"])  # only the test files exist
+        images, labels = (images[:8000], labels[:8000]) if split == "train" else (images[8000:], labels[8000:])
+    if images.shape[0] != labels.shape[0]:
+        raise UserError(f"MNIST images ({images.shape[0]}) and labels ({labels.shape[0]}) disagree in {folder}")
+    x = images.float()[:, None] / 127.5 - 1  # (B, 1, 28, 28)
+    if size != 28:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return Dataset(x.clamp(-1, 1), labels.long(), [str(i) for i in range(10)])
+
+
+def load(name: str, n: int, size: int, seed: int, split: str = "train", root=None) -> Dataset:
+    """One entry point for the scripts' --dataset flag. Shapes' held-out split is an
+    independent draw (seed + HELD_OUT_OFFSET); MNIST keeps its files' own split."""
+    if name == "shapes":
+        return shapes(n, size, seed if split == "train" else seed + HELD_OUT_OFFSET)
+    if name == "mnist":
+        ds = mnist(root or REPO / "data" / "mnist", split, size)
+        k = min(n, ds.images.shape[0])
+        return Dataset(ds.images[:k], ds.labels[:k], ds.class_names)
+    raise UserError(f"unknown dataset {name!r}; use shapes or mnist")

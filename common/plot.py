@@ -1,0 +1,53 @@
+"""Figures, drawn from saved numbers and tensors, saved as PNG (matplotlib, no display needed)."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def grid(images: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
+    """(B, C, S, S) in [-1, 1] -> one (H, W, 3) image in [0, 1] with nrow images per row."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    B, C, S, _ = x.shape
+    ncol_rows = (B + nrow - 1) // nrow
+    canvas = torch.ones(3, ncol_rows * (S + pad) + pad, nrow * (S + pad) + pad)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        canvas[:, pad + r * (S + pad):pad + r * (S + pad) + S, pad + c * (S + pad):pad + c * (S + pad) + S] = x[i]
+    return canvas.permute(1, 2, 0)
+
+
+def save_image_panels(panels: list, path, nrow: int, title: str = "", scale: float = 0.12) -> None:
+    """Side-by-side captioned image grids: panels = [(caption, images (B, C, S, S)), ...]."""
+    grids = [(cap, grid(imgs, nrow)) for cap, imgs in panels]
+    h, w = grids[0][1].shape[:2]
+    fig, axes = plt.subplots(1, len(grids), figsize=(max(2.5, scale * w / 4) * len(grids), scale * h / 4 + 0.8),
+                             squeeze=False)
+    for ax, (cap, g) in zip(axes[0], grids):
+        ax.imshow(g.numpy(), interpolation="nearest")
+        ax.set_title(cap, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_curves(curves: dict, path, xlabel: str, ylabel: str, title: str = "", logx=False, logy=False) -> None:
+    """Line plot of named curves: curves = {label: (xs, ys)}."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    ax.set_xscale("log" if logx else "linear")
+    ax.set_yscale("log" if logy else "linear")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
