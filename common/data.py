@@ -20,6 +20,7 @@ from common.config import REPO, UserError
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue")
 HELD_OUT_OFFSET = 1_000_003  # the held-out split of shapes is the same generator at seed + this
+VERSION = 2  # part of every checkpoint key: bump it whenever the data a seed produces change
 
 
 @dataclass
@@ -70,8 +71,8 @@ def shapes(n: int, size: int = 16, seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     shape = torch.randint(0, 3, (n,), generator=g)
     colour = torch.randint(0, 3, (n,), generator=g)
-    r = size * (0.18 + 0.14 * torch.rand(n, generator=g))  # radius 18-32% of the image
-    margin = 1.1 * r  # keep the whole shape inside the frame
+    r = size * (0.18 + 0.12 * torch.rand(n, generator=g))  # radius 18-30% of the image
+    margin = 1.25 * r + 1.5  # the triangle apex is 1.25 r out, and its anti-aliasing bleeds 1 px further
     cx = margin + (size - 2 * margin) * torch.rand(n, generator=g)
     cy = margin + (size - 2 * margin) * torch.rand(n, generator=g)
     images = render_shapes(shape, colour, cx, cy, r, size)
@@ -129,10 +130,12 @@ def mnist(folder, split: str = "train", size: int = 28, download: bool = False) 
     if not any(have.values()):
         raise UserError(f"no MNIST IDX files (t10k-images-idx3-ubyte[.gz] ...) in {folder}; "
                         "point --data-root at a folder that holds them, or add --download")
-    if have[split]:
+    if have["train"]:  # the official split
+        if not have[split]:
+            raise UserError(f"the MNIST {split} files are missing from {folder}")
         images, labels = (read_idx(p) for p in found[split])
-    else:
-        images, labels = (read_idx(p) for p in found["test"])  # only the test files exist
+    else:  # only the test files: split them so that train and test never overlap
+        images, labels = (read_idx(p) for p in found["test"])
         images, labels = (images[:8000], labels[:8000]) if split == "train" else (images[8000:], labels[8000:])
     if images.shape[0] != labels.shape[0]:
         raise UserError(f"MNIST images ({images.shape[0]}) and labels ({labels.shape[0]}) disagree in {folder}")

@@ -176,18 +176,20 @@ class TinyDiT(nn.Module):
         c = self.c0.expand(B, -1)
         if self.time_cond:
             c = c + self.t_embed(timestep_embedding(t, c.shape[-1]))
-        if self.n_classes > 0 and y is not None:
-            c = c + self.y_pooled(y)
+        if self.n_classes > 0:
+            c = c + self.y_pooled(self._labels(y, B, c.device))
         return c
+
+    def _labels(self, y, batch: int, device) -> torch.Tensor:
+        """y, or the null label for every example when y is None."""
+        return torch.full((batch,), self.null_label, device=device, dtype=torch.long) if y is None else y
 
     def context(self, y, batch: int) -> torch.Tensor:
         """[BOS ; label tokens] -> (B, 1 + L, D); a missing y means the null label."""
         bos = self.bos.expand(batch, -1, -1)
         if self.n_classes == 0:
             return bos
-        if y is None:
-            y = torch.full((batch,), self.null_label, device=bos.device, dtype=torch.long)
-        labels = self.y_tokens(y).reshape(batch, self.n_ctx - 1, -1)  # (B, L, D)
+        labels = self.y_tokens(self._labels(y, batch, bos.device)).reshape(batch, self.n_ctx - 1, -1)  # (B, L, D)
         return torch.cat([bos, labels], 1) + self.ctx_pos
 
     def forward(self, x, t=None, y=None):

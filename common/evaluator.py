@@ -94,20 +94,21 @@ def get_evaluator(dataset: str, size: int, device, steps: int = 300, seed: int =
     train = data_mod.load(dataset, n_train, size, seed, "train", root)
     test = data_mod.load(dataset, 2000, size, seed, "test", root)
     net = Classifier(train.channels, train.n_classes)
-    cfg = dict(kind="evaluator", dataset=dataset, size=size, steps=steps, seed=seed, n_train=n_train)
+    cfg = dict(kind="evaluator", data_version=data_mod.VERSION, dataset=dataset, size=size, steps=steps, seed=seed,
+               n_train=n_train)
 
     def fit(net):
         net.to(device).train()
         g = torch.Generator().manual_seed(seed)
         opt = make_optimizer(net, 2e-3)
         x, y = train.images.to(device), train.labels.to(device)
-        bar = tqdm(range(steps), desc=f"evaluator ({dataset} {size}px)", leave=False)
-        for step in bar:
+        bar = tqdm(range(steps), desc=f"evaluator ({dataset} {size}px)", leave=False, mininterval=1.0)
+        for _ in bar:
             idx = torch.randint(0, len(x), (128,), generator=g).to(device)
             xb = x[idx] + 0.05 * torch.randn(x[idx].shape, generator=g).to(device)  # robust to sampler noise
             loss = F.cross_entropy(net(xb), y[idx])
             optimizer_step(loss, net, opt)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         return {}
 
     torch.manual_seed(seed)

@@ -62,7 +62,7 @@ def train_config(cfg) -> dict:
     """Everything that changes the trained weights, and nothing else: the checkpoint key."""
     keys = ("dataset", "size", "model", "patch", "steps", "batch", "lr", "ema", "p_uncond", "time_sampler",
             "n_train", "seed")
-    return dict(kind="base", **{k: getattr(cfg, k) for k in keys})
+    return dict(kind="base", data_version=data_mod.VERSION, **{k: getattr(cfg, k) for k in keys})
 
 
 def base_model(cfg, device, data=None) -> tuple[TinyDiT, dict]:
@@ -87,7 +87,7 @@ def base_model(cfg, device, data=None) -> tuple[TinyDiT, dict]:
             with autocast(device):
                 loss = fm_loss(model(interpolate(x, eps, t), t, y), x, eps).mean()
             optimizer_step(loss, model, opt, ema)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         ema.copy_to(model)
         return dict(final_loss=loss.item())
 

@@ -1,0 +1,58 @@
+import dataclasses
+
+import pytest
+import torch
+
+from common.config import BaseConfig, UserError, cli, field, parse, resolve_device
+
+
+@dataclasses.dataclass
+class Cfg(BaseConfig):
+    steps: int = field(10, "steps")
+    lr: float = field(0.1, "learning rate")
+    mode: str = field("a", "mode", choices=("a", "b"))
+    flag: bool = field(False, "a switch")
+
+
+PRESETS = {"smoke": dict(steps=2), "cpu": dict(), "gpu": dict(steps=100)}
+
+
+def test_presets_then_flags():
+    cfg = parse(Cfg, PRESETS, ["--preset", "smoke", "--lr", "0.5", "--flag", "true"])
+    assert (cfg.preset, cfg.steps, cfg.lr, cfg.flag) == ("smoke", 2, 0.5, True)
+    assert parse(Cfg, PRESETS, ["--preset", "smoke", "--steps", "7"]).steps == 7
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge"], "unknown preset"),
+    (["--steps", "-1"], "--steps must be >= 1"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--mode", "c"], "--mode must be one of a, b"),
+    (["--nope", "1"], "unrecognized arguments"),
+    (["--steps", "ten"], "invalid int value"),
+])
+def test_bad_values_exit_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(Cfg, PRESETS, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and "Traceback" not in err
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="unknown device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_cli_turns_user_errors_into_one_line(capsys):
+    def run(cfg):
+        raise UserError("the dataset file is missing")
+
+    with pytest.raises(SystemExit) as e:
+        cli(run, Cfg, PRESETS, ["--preset", "smoke"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: the dataset file is missing"

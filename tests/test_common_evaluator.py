@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from common.evaluator import frechet_distance, get_evaluator, paired_cosine, paired_distance
+
+
+def test_frechet_distance_against_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5])
+    b = torch.randn(20000, 3, generator=g) * torch.tensor([1.5, 2.0, 0.5]) + torch.tensor([1.0, 0.0, 0.0])
+    # independent axes: FD = sum (mu_a - mu_b)^2 + sum (s_a - s_b)^2 = 1 + 0.25
+    assert frechet_distance(a, b) == pytest.approx(1.25, abs=0.08)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_paired_metrics():
+    f = torch.randn(5, 8)
+    assert torch.allclose(paired_cosine(f, 2 * f), torch.ones(5))
+    assert torch.allclose(paired_distance(f, 3 * f), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(paired_distance(f, -f), torch.full((5,), 2.0))
+
+
+def test_evaluator_trains_caches_and_scores():
+    ev, acc = get_evaluator("shapes", 8, "cpu", steps=20, n_train=512)
+    ev2, acc2 = get_evaluator("shapes", 8, "cpu", steps=20, n_train=512)  # from the cache
+    assert acc == acc2 and 0 <= acc <= 1
+    x, y = torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    assert torch.equal(ev.logits(x), ev2.logits(x))
+    assert ev.label_logprob(x, y).shape == (4,) and (ev.label_logprob(x, y) <= 0).all()
+    assert ev.features(x).shape == (4, 64)

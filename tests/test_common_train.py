@@ -1,0 +1,45 @@
+import torch
+
+from common.train import EMA, checkpoint_path, load_checkpoint, load_or_train, save_checkpoint
+
+
+def test_ema_matches_the_formula_after_warmup():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.5)
+    ema.updates = 100  # past the warm-up: decay is exactly 0.5
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], 0.5 * start + 0.5 * model.weight)
+
+
+def test_checkpoint_cache_roundtrip_corrupt_and_mismatch(capsys):
+    cfg, calls = dict(kind="test", a=1), []
+
+    def fit(model):
+        calls.append(1)
+        with torch.no_grad():
+            model.weight.fill_(0.25)
+        return dict(note="trained")
+
+    m = torch.nn.Linear(3, 2)
+    info = load_or_train("unit", cfg, m, fit)
+    assert not info["cached"] and info["note"] == "trained" and len(calls) == 1
+    path = checkpoint_path("unit", cfg)
+    assert path.exists() and not list(path.parent.glob(".*.tmp"))  # atomic: no temp file left
+
+    m2 = torch.nn.Linear(3, 2)
+    info2 = load_or_train("unit", cfg, m2, fit)
+    assert info2["cached"] and len(calls) == 1 and torch.all(m2.weight == 0.25)
+    assert info2["train_seconds"] == info["train_seconds"]
+
+    assert load_checkpoint(path, dict(kind="test", a=2)) is None  # another config
+    assert "another config" in capsys.readouterr().out
+
+    path.write_bytes(path.read_bytes()[:50])  # truncated file
+    info3 = load_or_train("unit", cfg, torch.nn.Linear(3, 2), fit)
+    assert not info3["cached"] and len(calls) == 2
+    assert "unreadable" in capsys.readouterr().out
+    save_checkpoint(path, dict(model={}, config=cfg))  # missing train_seconds
+    assert load_checkpoint(path, cfg) is None

@@ -1,0 +1,18 @@
+import json
+
+from common import pretrain
+
+KEYS = {"params", "train_seconds", "evaluator_accuracy", "sample_accuracy_cfg", "sample_accuracy_nocfg", "fd_cfg"}
+
+
+def test_smoke_run_writes_results_and_reuses_the_cache(tmp_path):
+    first = pretrain.main(["--preset", "smoke", "--out", str(tmp_path / "a")])
+    assert KEYS <= set(first) and not first["loaded_from_cache"]
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["params"] == first["params"] > 0
+    assert (tmp_path / "a" / "fig_samples.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["preset"] == "smoke"
+    second = pretrain.main(["--preset", "smoke", "--out", str(tmp_path / "b")])
+    assert second["loaded_from_cache"] and second["train_seconds"] == first["train_seconds"]
+    for k in ("sample_accuracy_cfg", "sample_accuracy_nocfg", "fd_cfg"):  # same seed, same numbers
+        assert second[k] == first[k]

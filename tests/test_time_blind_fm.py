@@ -1,0 +1,79 @@
+import json
+import math
+
+import torch
+
+import time_blind_fm as tb
+from common.flow import pair_noise, pairing_cost
+
+
+def test_estimator_is_exact_without_a_noise_floor():
+    """Data exactly inside a k-dim subspace (zero off-subspace floor), and noise whose energy
+    outside the fitted subspace is exactly its expectation d - k: then q = t^2 and t_hat = t."""
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 200, 300, 6
+    U, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
+    x = 3 * torch.randn(n, k, generator=g, dtype=torch.float64) @ U.T + 0.5 * U[:, 0]  # not centred
+    basis, c = tb.fit_subspace(x, k)
+    assert c < 1e-20  # no energy outside the fitted subspace
+    eps = torch.randn(n, d, generator=g, dtype=torch.float64)
+    off = eps - (eps @ basis) @ basis.T
+    eps = (eps - off) + off / off.norm(dim=1, keepdim=True) * math.sqrt(d - basis.shape[1])
+    t = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    xt = (1 - t[:, None]) * x + t[:, None] * eps
+    assert torch.allclose(tb.estimate_t(xt, basis, c), t, atol=1e-9)
+
+
+def test_estimator_inverts_its_own_model_for_any_floor():
+    """q = t^2 + c (1 - t)^2 is inverted exactly for t above the turning point c / (1 + c)."""
+    basis = torch.eye(10, dtype=torch.float64)[:, :2]
+    for c in (0.0, 0.05, 0.3):
+        t = torch.linspace(c / (1 + c) + 1e-3, 1, 50, dtype=torch.float64)
+        q = t**2 + c * (1 - t) ** 2
+        xt = torch.zeros(50, 10, dtype=torch.float64)
+        xt[:, 2] = torch.sqrt(q * 8)  # all off-subspace energy in one coordinate: ||P x||^2 / (d-k) = q
+        assert torch.allclose(tb.estimate_t(xt, basis, c), t, atol=1e-9)
+
+
+def test_estimator_error_falls_with_d_minus_k():
+    g = torch.Generator().manual_seed(0)
+    errs = []
+    for dmk in (50, 800):
+        x = tb.spiked_data(1200, dmk + 4, 4, g)
+        errs.append(tb.estimator_rmse(x[:400], x[400:], 4, g)[0])
+    assert errs[1] < errs[0] / 2.5  # 16x the dimensions: theory 4x smaller error
+
+
+def test_ot_coupling_lowers_the_pairing_cost_on_a_batch():
+    g = torch.Generator().manual_seed(1)
+    x, eps = torch.randn(32, 3, 8, 8, generator=g), torch.randn(32, 3, 8, 8, generator=g)
+    assert pairing_cost(x, pair_noise(x, eps, "ot")) <= pairing_cost(x, pair_noise(x, eps, "independent"))
+
+
+def test_time_blind_net_ignores_t():
+    cfg = tb.Config(model="xs")
+    net = tb.make_net(cfg, 8, 3, time_cond=False).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(4, 3, 8, 8)
+        assert torch.equal(net(x, torch.zeros(4)), net(x, torch.ones(4)))
+
+
+def test_slope_of_a_power_law():
+    xs = [10, 100, 1000]
+    assert abs(tb.loglog_slope(xs, [x**-0.5 for x in xs]) + 0.5) < 1e-9
+
+
+def test_smoke_run_writes_the_keys(tmp_path):
+    res = tb.main(["--preset", "smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("estimator_slope", "estimator_rmse_sqrt_dmk", "estimator_slope_images", "loss", "fd",
+                "coupling_effect", "time_effect", "gap_fraction_by_resolution", "seconds"):
+        assert key in saved and key in res
+    assert set(saved["loss"]) == set(saved["fd"]) == {"cond_indep", "blind_indep", "cond_ot", "blind_ot"}
+    assert set(saved["gap_fraction_by_resolution"]) == {"8", "16"}
+    assert all(math.isfinite(v) for v in saved["loss"].values())
+    for fig in ("fig_estimator_rmse.png", "fig_t_hat_vs_t.png", "fig_samples_grid.png", "fig_loss_per_time.png",
+                "fig_gap_by_resolution.png"):
+        assert (tmp_path / fig).stat().st_size > 1000
