@@ -67,7 +67,8 @@ class Config(BaseConfig):
     data_root: str = field("", "folder with the MNIST IDX files")
     sizes: str = field("8,16,32", "image sizes (px) for the estimator on images and the gap by resolution")
     grid_size: int = field(16, "image size of the 2 x 2 training grid")
-    k: int = field(24, "principal directions fitted to images (the data subspace)")
+    ks: str = field("8,24,64", "principal directions fitted to images; the last is the headline (fewer leave "
+                                "more energy outside the subspace, a higher floor c)")
     synth_k: int = field(8, "subspace dimension of the synthetic spiked-covariance data")
     synth_dmk: str = field("56,120,248,504,1016,2040,3008", "values of d - k for the synthetic sweep")
     model: str = field("s", "TinyDiT size for the trained velocity nets", choices=tuple(SIZES))
@@ -82,7 +83,7 @@ class Config(BaseConfig):
 
 
 PRESETS = {
-    "smoke": dict(sizes="8,16", grid_size=8, k=8, synth_dmk="56,248", model="xs", steps=8, batch=16,
+    "smoke": dict(sizes="8,16", grid_size=8, ks="8,24", synth_dmk="56,248", model="xs", steps=8, batch=16,
                   n_train=256, n_bank=64, n_samples=32, sample_steps=3, eval_steps=20),
     "cpu": dict(),
     "gpu": dict(model="m", steps=4000, batch=256, n_train=50000, n_bank=8192, n_samples=4096, sample_steps=50,
@@ -151,17 +152,23 @@ def synthetic_sweep(cfg):
 
 
 def image_sweep(cfg, images_by_size):
+    """RMSE of t_hat on held-out images, for every k and size. -> ({k: rows}, scatter data)."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    rows, scatter = [], None
-    for size, x in images_by_size.items():
-        flat = x.flatten(1).double()
-        half = len(flat) // 2  # fit the subspace on one half, estimate t on the other
-        rmse, dmk, t, t_hat = estimator_rmse(flat[:half], flat[half:], cfg.k, g)
-        _, c = fit_subspace(flat[:half], cfg.k)
-        rows.append(dict(size=size, d=flat.shape[1], d_minus_k=dmk, rmse=rmse, rmse_sqrt_dmk=rmse * math.sqrt(dmk),
-                         noise_floor_c=c))
-        scatter = (size, t, t_hat)  # the largest size is plotted
-    return rows, scatter
+    by_k, scatter = {}, None
+    for k in [int(s) for s in cfg.ks.split(",")]:
+        rows = []
+        for size, x in images_by_size.items():
+            flat = x.flatten(1).double()
+            half = len(flat) // 2  # fit the subspace on one half, estimate t on the other
+            if k + 1 >= flat.shape[1] // 2:
+                continue  # the subspace would not be "low-dimensional" at this size
+            rmse, dmk, t, t_hat = estimator_rmse(flat[:half], flat[half:], k, g)
+            _, c = fit_subspace(flat[:half], k)
+            rows.append(dict(size=size, d=flat.shape[1], d_minus_k=dmk, rmse=rmse,
+                             rmse_sqrt_dmk=rmse * math.sqrt(dmk), noise_floor_c=c))
+            scatter = (size, k, t, t_hat)  # the largest size at the headline k is plotted
+        by_k[k] = rows
+    return by_k, scatter
 
 
 # %% part 2: coupling vs clock -- the 2 x 2 grid
@@ -259,17 +266,19 @@ def grid_experiment(cfg, data_by_size, device):
 
 
 def figures(out, synth, images, scatter, per_bin, samples, gap):
-    save_curves({"synthetic (spiked covariance)": ([r["d_minus_k"] for r in synth], [r["rmse"] for r in synth]),
-                 "theory 0.43 / sqrt(d - k)": ([r["d_minus_k"] for r in synth],
-                                               [0.43 / math.sqrt(r["d_minus_k"]) for r in synth]),
-                 "images (PCA subspace)": ([r["d_minus_k"] for r in images], [r["rmse"] for r in images])},
+    dmk = [r["d_minus_k"] for r in synth]
+    curves = {"synthetic (spiked covariance)": (dmk, [r["rmse"] for r in synth]),
+              "theory 0.43 / sqrt(d - k)": (dmk, [0.43 / math.sqrt(x) for x in dmk])}
+    for k, rows in images.items():
+        curves[f"images, k = {k} (8/16/32 px)"] = ([r["d_minus_k"] for r in rows], [r["rmse"] for r in rows])
+    save_curves(curves,
                 out / "fig_estimator_rmse.png", "d - k", "RMSE of t_hat", "time from a single x_t",
                 logx=True, logy=True)
-    size, t, t_hat = scatter
+    size, k, t, t_hat = scatter
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.scatter(t.numpy(), t_hat.numpy(), s=3, alpha=0.4)
     ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set(xlabel="true t (0 data, 1 noise)", ylabel="t_hat(x_t)", title=f"estimator on {size}px images")
+    ax.set(xlabel="true t (0 data, 1 noise)", ylabel="t_hat(x_t)", title=f"estimator on {size}px images, k = {k}")
     fig.tight_layout()
     fig.savefig(out / "fig_t_hat_vs_t.png", dpi=120)
     plt.close(fig)
@@ -298,6 +307,9 @@ def run(cfg: Config) -> dict:
 
     synth = synthetic_sweep(cfg)
     images, scatter = image_sweep(cfg, {s: torch.cat(data_by_size[s]) for s in sizes})
+    headline_k = int(cfg.ks.split(",")[-1])
+    slopes = {k: loglog_slope([r["d_minus_k"] for r in rows], [r["rmse"] for r in rows]) if len(rows) > 1
+              else float("nan") for k, rows in images.items()}
     loss, per_bin, samples, gap = grid_experiment(cfg, data_by_size, device)
     evaluator, _ = get_evaluator(cfg.dataset, cfg.grid_size, device, cfg.eval_steps, cfg.seed, root)
     real = data_by_size[cfg.grid_size][1][:cfg.n_samples]
@@ -310,8 +322,9 @@ def run(cfg: Config) -> dict:
         estimator_slope=loglog_slope([r["d_minus_k"] for r in synth], [r["rmse"] for r in synth]),
         estimator_rmse_sqrt_dmk=[r["rmse_sqrt_dmk"] for r in synth],
         estimator_synthetic=synth,
-        estimator_slope_images=loglog_slope([r["d_minus_k"] for r in images], [r["rmse"] for r in images]),
-        estimator_images=images,
+        estimator_slope_images=slopes[headline_k],
+        estimator_slope_images_by_k=slopes,
+        estimator_images={str(k): rows for k, rows in images.items()},
         loss=loss, fd=fd, recognisable=confident,
         coupling_effect=coupling_effect, time_effect=time_effect,
         gap_fraction_by_resolution={s: v["gap_fraction"] for s, v in gap.items()},
@@ -327,7 +340,7 @@ def run(cfg: Config) -> dict:
                 ("model", "held-out loss", "eval FD", "recognisable"))
     print()
     print_table([("estimator slope (synthetic; theory -0.5)", results["estimator_slope"]),
-                 ("estimator slope (images)", results["estimator_slope_images"]),
+                 *[(f"estimator slope (images, k = {k})", v) for k, v in slopes.items()],
                  ("coupling effect", coupling_effect), ("time effect", time_effect),
                  *[(f"gap share at {s}px", v) for s, v in results["gap_fraction_by_resolution"].items()],
                  ("seconds", results["seconds"])])
