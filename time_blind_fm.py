@@ -96,11 +96,17 @@ COUPLING = {"indep": "independent", "ot": "ot"}  # setting suffix -> common.flow
 # %% part 1: time can be read off a single x_t
 
 
-def fit_subspace(x: torch.Tensor, k: int):
+def principal_directions(x: torch.Tensor) -> torch.Tensor:
+    """x: (n, d) -> (min(n, d), d), the rows ordered by variance explained (PCA of centred x)."""
+    return torch.linalg.svd(x - x.mean(0), full_matrices=False)[2]
+
+
+def fit_subspace(x: torch.Tensor, k: int, directions: torch.Tensor | None = None):
     """x: (n, d) samples of the data. -> (basis (d, k'), c): the top principal directions plus the
-    mean direction (orthonormal, k' <= k + 1), and the data's mean energy per dimension outside them."""
+    mean direction (orthonormal, k' <= k + 1), and the data's mean energy per dimension outside them.
+    `directions` (from principal_directions(x)) saves the SVD when several k are fitted."""
     mean = x.mean(0)
-    _, _, Vh = torch.linalg.svd(x - mean, full_matrices=False)  # rows of Vh: principal directions
+    Vh = principal_directions(x) if directions is None else directions
     basis, _ = torch.linalg.qr(torch.cat([Vh[:k].T, mean[:, None]], 1))  # add the mean direction
     resid = x - (x @ basis) @ basis.T
     c = resid.pow(2).sum(1).mean().item() / (x.shape[1] - basis.shape[1])
@@ -115,14 +121,14 @@ def estimate_t(xt: torch.Tensor, basis: torch.Tensor, c: float) -> torch.Tensor:
     return t_hat.clamp(0, 1)
 
 
-def estimator_rmse(x_fit, x_test, k, g, t_min=0.1):
+def estimator_rmse(x_fit, x_test, k, g, t_min=0.1, directions=None):
     """RMSE of t_hat over t ~ U(t_min, 1) on held-out data (t < t_min sits near the point
-    t = c / (1 + c) where q is flat in t, so t is not identifiable there). -> (rmse, d - k, t, t_hat)."""
-    basis, c = fit_subspace(x_fit, k)
+    t = c / (1 + c) where q is flat in t, so t is not identifiable there). -> (rmse, d - k, t, t_hat, c)."""
+    basis, c = fit_subspace(x_fit, k, directions)
     t = t_min + (1 - t_min) * torch.rand(len(x_test), generator=g, dtype=x_test.dtype)
     eps = torch.randn(x_test.shape, generator=g, dtype=x_test.dtype)
     t_hat = estimate_t(interpolate(x_test, eps, t), basis, c)
-    return (t_hat - t).pow(2).mean().sqrt().item(), x_fit.shape[1] - basis.shape[1], t, t_hat
+    return (t_hat - t).pow(2).mean().sqrt().item(), x_fit.shape[1] - basis.shape[1], t, t_hat, c
 
 
 def spiked_data(n, d, k, g, floor=0.01):
@@ -147,7 +153,7 @@ def synthetic_sweep(cfg):
     for dmk in tqdm([int(s) for s in cfg.synth_dmk.split(",")], desc="estimator (synthetic)", leave=False):
         # d is chosen so that d - k' = dmk, where k' = k + 1 counts the added mean direction
         x = spiked_data(3000, dmk + cfg.synth_k + 1, cfg.synth_k, g)
-        rmse, dmk_eff, _, _ = estimator_rmse(x[:1000], x[1000:], cfg.synth_k, g)
+        rmse, dmk_eff, *_ = estimator_rmse(x[:1000], x[1000:], cfg.synth_k, g)
         rows.append(dict(d_minus_k=dmk_eff, rmse=rmse, rmse_sqrt_dmk=rmse * math.sqrt(dmk_eff)))
     return rows
 
@@ -155,20 +161,19 @@ def synthetic_sweep(cfg):
 def image_sweep(cfg, images_by_size):
     """RMSE of t_hat on held-out images, for every k and size. -> ({k: rows}, scatter data)."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    by_k, scatter = {}, None
-    for k in [int(s) for s in cfg.ks.split(",")]:
-        rows = []
-        for size, x in images_by_size.items():
-            flat = x.flatten(1).double()
-            half = len(flat) // 2  # fit the subspace on one half, estimate t on the other
+    ks = [int(s) for s in cfg.ks.split(",")]
+    by_k, scatter = {k: [] for k in ks}, None
+    for size, x in images_by_size.items():
+        flat = x.flatten(1).double()
+        half = len(flat) // 2  # fit the subspace on one half, estimate t on the other
+        directions = principal_directions(flat[:half])  # one SVD per size, shared by every k
+        for k in ks:
             if k + 1 >= flat.shape[1] // 2:
                 continue  # the subspace would not be "low-dimensional" at this size
-            rmse, dmk, t, t_hat = estimator_rmse(flat[:half], flat[half:], k, g)
-            _, c = fit_subspace(flat[:half], k)
-            rows.append(dict(size=size, d=flat.shape[1], d_minus_k=dmk, rmse=rmse,
-                             rmse_sqrt_dmk=rmse * math.sqrt(dmk), noise_floor_c=c))
+            rmse, dmk, t, t_hat, c = estimator_rmse(flat[:half], flat[half:], k, g, directions=directions)
+            by_k[k].append(dict(size=size, d=flat.shape[1], d_minus_k=dmk, rmse=rmse,
+                                rmse_sqrt_dmk=rmse * math.sqrt(dmk), noise_floor_c=c))
             scatter = (size, k, t, t_hat)  # the largest size at the headline k is plotted
-        by_k[k] = rows
     return by_k, scatter
 
 

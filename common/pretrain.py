@@ -65,8 +65,13 @@ def train_config(cfg) -> dict:
     return dict(kind="base", data_version=data_mod.VERSION, **{k: getattr(cfg, k) for k in keys})
 
 
-def base_model(cfg, device, data=None) -> tuple[TinyDiT, dict]:
-    """The trained base TinyDiT for this config (from the cache, or trained now) in eval mode."""
+def base_model(cfg, device, data=None, data_key: str | None = None) -> tuple[TinyDiT, dict]:
+    """The trained base TinyDiT for this config (from the cache, or trained now) in eval mode.
+
+    A script may train on its own data (a pruned subset, say) by passing `data` together with a
+    `data_key` naming it: the key goes into the checkpoint hash, so two datasets never share a file."""
+    if (data is None) != (data_key is None):
+        raise ValueError("pass data and data_key together: the key tells the cache which data trained the model")
     data = data or data_mod.load(cfg.dataset, cfg.n_train, cfg.size, cfg.seed, "train", cfg.data_root or None)
     torch.manual_seed(cfg.seed)  # the weight init
     model = TinyDiT(**model_kwargs(cfg, data.n_classes, data.channels))
@@ -91,7 +96,8 @@ def base_model(cfg, device, data=None) -> tuple[TinyDiT, dict]:
         ema.copy_to(model)
         return dict(final_loss=loss.item())
 
-    info = load_or_train("base", train_config(cfg), model, fit)
+    key = train_config(cfg) if data_key is None else dict(train_config(cfg), data_key=data_key)
+    info = load_or_train("base", key, model, fit)
     return model.to(device).eval(), info
 
 
@@ -100,12 +106,11 @@ def run(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     out = run_dir(cfg, "pretrain")
     root = cfg.data_root or None
-    data = data_mod.load(cfg.dataset, cfg.n_train, cfg.size, cfg.seed, "train", root)
     held_out = data_mod.load(cfg.dataset, cfg.n_samples, cfg.size, cfg.seed, "test", root)
     evaluator, ev_acc = get_evaluator(cfg.dataset, cfg.size, device, cfg.eval_steps, cfg.seed, root)
-    model, info = base_model(cfg, device, data)
+    model, info = base_model(cfg, device)
 
-    y = torch.arange(cfg.n_samples) % data.n_classes  # balanced labels
+    y = torch.arange(cfg.n_samples) % held_out.n_classes  # balanced labels
     seed = cfg.seed + 1  # sampling noise, the same for both settings
     x_cfg = sample_labels(model, y, cfg.sample_steps, cfg.cfg_scale, seed)
     x_plain = sample_labels(model, y, cfg.sample_steps, 1.0, seed)
@@ -124,10 +129,10 @@ def run(cfg: Config) -> dict:
         device=str(device),
         seconds=round(time.perf_counter() - t0, 1),
     )
-    k = data.n_classes
+    k = held_out.n_classes
     save_image_panels([(f"CFG scale {cfg.cfg_scale}", x_cfg[:4 * k]), ("no CFG", x_plain[:4 * k])],
                       out / "fig_samples.png", nrow=k,
-                      title=f"base TinyDiT samples, one column per class ({', '.join(data.class_names[:3])}, ...)")
+                      title=f"base TinyDiT samples, one column per class ({', '.join(held_out.class_names[:3])}, ...)")
     save_json(out / "results.json", results)
     print_table([(k_, v) for k_, v in results.items() if k_ != "metric_note"])
     print(f"wrote {out}/results.json and fig_samples.png")

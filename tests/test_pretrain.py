@@ -16,3 +16,15 @@ def test_smoke_run_writes_results_and_reuses_the_cache(tmp_path):
     assert second["loaded_from_cache"] and second["train_seconds"] == first["train_seconds"]
     for k in ("sample_accuracy_cfg", "sample_accuracy_nocfg", "fd_cfg"):  # same seed, same numbers
         assert second[k] == first[k]
+
+
+def test_custom_data_needs_its_own_cache_key():
+    import pytest
+
+    cfg = pretrain.Config(**{**pretrain.PRESETS["smoke"], "steps": 2})
+    subset = pretrain.data_mod.shapes(64, cfg.size, seed=5)
+    with pytest.raises(ValueError, match="data_key"):
+        pretrain.base_model(cfg, "cpu", data=subset)
+    assert pretrain.train_config(cfg) != {**pretrain.train_config(cfg), "data_key": "subset-64"}
+    _, info = pretrain.base_model(cfg, "cpu", data=subset, data_key="subset-64")
+    assert not info["cached"]
