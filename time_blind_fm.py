@@ -29,7 +29,7 @@ Estimator (reconstructed; PAPERS.md section 5). Let U be the data's top-k princi
     is added to U (it is projected out with the principal directions; k counts it).
 
 Deviations from the paper. Toy data (procedural shapes at 8-32 px, MNIST when present) instead
-    of CIFAR-10 / CelebA-HQ / FFHQ; a 4-layer TinyDiT trained for minutes; unconditional models;
+    of CIFAR-10 / CelebA-HQ / FFHQ; a 2-layer TinyDiT-xs trained for a minute each; unconditional nets;
     the evaluator FD (common/evaluator.py) stands in for FID. The gap by resolution keeps a
     4 x 4 token grid at every size (patch = size / 4), so the network's cost stays the same while
     the pixel dimension d grows.
@@ -50,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from common import data as data_mod
-from common.config import BaseConfig, cli, field, print_table, resolve_device, run_dir, save_json
+from common.config import BaseConfig, UserError, cli, field, int_list, print_table, resolve_device, run_dir, save_json
 from common.dit import SIZES, TinyDiT
 from common.evaluator import get_evaluator
 from common.flow import fm_loss, interpolate, loss_per_time_bin, pair_noise
@@ -69,7 +69,7 @@ class Config(BaseConfig):
     grid_size: int = field(16, "image size of the 2 x 2 training grid")
     ks: str = field("8,24,64", "principal directions fitted to images; the last is the headline (fewer leave "
                                 "more energy outside the subspace, a higher floor c)")
-    synth_k: int = field(8, "subspace dimension of the synthetic spiked-covariance data")
+    synth_ks: str = field("8,32", "subspace dimensions k of the synthetic spiked-covariance data")
     synth_dmk: str = field("56,120,248,504,1016,2040,3008", "values of d - k for the synthetic sweep")
     model: str = field("xs", "TinyDiT size of the velocity nets (xs: 8 nets fit a 10-minute CPU run)",
                        choices=tuple(SIZES))
@@ -81,6 +81,14 @@ class Config(BaseConfig):
     n_samples: int = field(512, "samples per model for the evaluator FD")
     sample_steps: int = field(20, "Euler steps for samples (time-blind models use the same t grid)")
     eval_steps: int = field(300, "evaluator training steps (shared with common.pretrain's cache)")
+
+    def validate(self):
+        for size in [*int_list(self.sizes, "--sizes", 8), self.grid_size]:
+            if size < 8 or size % 4:
+                raise UserError(f"image sizes must be >= 8 and divisible by 4 (a 4 x 4 token grid), got {size}")
+        int_list(self.ks, "--ks")
+        int_list(self.synth_dmk, "--synth-dmk", 2)
+        int_list(self.synth_ks, "--synth-ks")
 
 
 PRESETS = {
@@ -148,20 +156,22 @@ def loglog_slope(xs, ys) -> float:
 
 
 def synthetic_sweep(cfg):
+    """RMSE over a grid of (d, k). Theory: it depends on d - k alone, like 0.43 / sqrt(d - k)."""
     g = torch.Generator().manual_seed(cfg.seed)
+    grid = [(k, dmk) for k in int_list(cfg.synth_ks, "--synth-ks") for dmk in int_list(cfg.synth_dmk, "--synth-dmk")]
     rows = []
-    for dmk in tqdm([int(s) for s in cfg.synth_dmk.split(",")], desc="estimator (synthetic)", leave=False):
+    for k, dmk in tqdm(grid, desc="estimator (synthetic)", leave=False):
         # d is chosen so that d - k' = dmk, where k' = k + 1 counts the added mean direction
-        x = spiked_data(3000, dmk + cfg.synth_k + 1, cfg.synth_k, g)
-        rmse, dmk_eff, *_ = estimator_rmse(x[:1000], x[1000:], cfg.synth_k, g)
-        rows.append(dict(d_minus_k=dmk_eff, rmse=rmse, rmse_sqrt_dmk=rmse * math.sqrt(dmk_eff)))
+        x = spiked_data(3000, dmk + k + 1, k, g)
+        rmse, dmk_eff, *_ = estimator_rmse(x[:1000], x[1000:], k, g)
+        rows.append(dict(k=k, d=dmk + k + 1, d_minus_k=dmk_eff, rmse=rmse, rmse_sqrt_dmk=rmse * math.sqrt(dmk_eff)))
     return rows
 
 
 def image_sweep(cfg, images_by_size):
     """RMSE of t_hat on held-out images, for every k and size. -> ({k: rows}, scatter data)."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    ks = [int(s) for s in cfg.ks.split(",")]
+    ks = int_list(cfg.ks, "--ks")
     by_k, scatter = {k: [] for k in ks}, None
     for size, x in images_by_size.items():
         flat = x.flatten(1).double()
@@ -173,7 +183,9 @@ def image_sweep(cfg, images_by_size):
             rmse, dmk, t, t_hat, c = estimator_rmse(flat[:half], flat[half:], k, g, directions=directions)
             by_k[k].append(dict(size=size, d=flat.shape[1], d_minus_k=dmk, rmse=rmse,
                                 rmse_sqrt_dmk=rmse * math.sqrt(dmk), noise_floor_c=c))
-            scatter = (size, k, t, t_hat)  # the largest size at the headline k is plotted
+            scatter = (size, k, t, t_hat)  # plotted: the largest size at the largest k that fits
+    if scatter is None:
+        raise UserError(f"every --ks value is too large for --sizes {cfg.sizes}: k + 1 must be below d / 2")
     return by_k, scatter
 
 
@@ -271,9 +283,12 @@ def grid_experiment(cfg, data_by_size, device):
 
 
 def figures(out, synth, images, scatter, per_bin, samples, gap):
-    dmk = [r["d_minus_k"] for r in synth]
-    curves = {"synthetic (spiked covariance)": (dmk, [r["rmse"] for r in synth]),
-              "theory 0.43 / sqrt(d - k)": (dmk, [0.43 / math.sqrt(x) for x in dmk])}
+    curves = {}
+    for k in sorted({r["k"] for r in synth}):
+        rows = [r for r in synth if r["k"] == k]
+        curves[f"synthetic, k = {k}"] = ([r["d_minus_k"] for r in rows], [r["rmse"] for r in rows])
+    dmk = sorted({r["d_minus_k"] for r in synth})
+    curves["theory 0.43 / sqrt(d - k)"] = (dmk, [0.43 / math.sqrt(x) for x in dmk])
     for k, rows in images.items():
         curves[f"images, k = {k} (8/16/32 px)"] = ([r["d_minus_k"] for r in rows], [r["rmse"] for r in rows])
     save_curves(curves,
@@ -314,7 +329,7 @@ def run(cfg: Config) -> dict:
     images, scatter = image_sweep(cfg, {s: torch.cat(data_by_size[s]) for s in sizes})
     headline_k = int(cfg.ks.split(",")[-1])
     slopes = {k: loglog_slope([r["d_minus_k"] for r in rows], [r["rmse"] for r in rows]) if len(rows) > 1
-              else float("nan") for k, rows in images.items()}
+              else None for k, rows in images.items()}  # None (JSON null): fewer than two sizes
     loss, per_bin, samples, gap = grid_experiment(cfg, data_by_size, device)
     evaluator, _ = get_evaluator(cfg.dataset, cfg.grid_size, device, cfg.eval_steps, cfg.seed, root)
     real = data_by_size[cfg.grid_size][1][:cfg.n_samples]

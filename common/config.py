@@ -1,7 +1,8 @@
 """The CLI contract shared by common.pretrain and every paper script.
 
 A script declares one flat dataclass `Config(BaseConfig)` whose fields carry a help text
-(`field(default, help)`), and a dict of named presets: `smoke` (tests, seconds), `cpu` (the
+(`field(default, help)`), optionally a `validate()` method for constraints between fields
+(raise UserError), and a dict of named presets: `smoke` (tests, seconds), `cpu` (the
 default without CUDA, minutes on a laptop) and `gpu` (the default with CUDA). `parse` turns that
 into an argparse CLI: preset values first, then any flag given on the command line.
 `cli(run, Config, PRESETS, argv)` is the whole `main` of a script: bad input (unknown option,
@@ -12,6 +13,7 @@ one-line `error: ...` and exit status 2, never a traceback.
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -56,11 +58,29 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def int_list(text: str, flag: str, lo: int = 1) -> list:
+    """'8,16,32' -> [8, 16, 32], or a UserError naming the flag."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < lo:
+        raise UserError(f"{flag} values must be >= {lo}, got {text!r}")
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the message says what to fix
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _check(cfg) -> None:
     for f in dataclasses.fields(cfg):
         val, name = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if isinstance(val, bool) or not isinstance(val, (int, float)):
             pass
+        elif isinstance(val, float) and not math.isfinite(val):
+            raise UserError(f"{name} must be a finite number, got {val}")
         elif "min" in f.metadata and val < f.metadata["min"]:
             raise UserError(f"{name} must be >= {f.metadata['min']}, got {val}")
         elif "min" not in f.metadata and isinstance(val, int) and val < 1:
@@ -70,12 +90,14 @@ def _check(cfg) -> None:
         choices = f.metadata.get("choices")
         if choices and val not in choices:
             raise UserError(f"{name} must be one of {', '.join(map(str, choices))}; got {val!r}")
+    if hasattr(cfg, "validate"):  # constraints between fields, checked before any work starts
+        cfg.validate()
 
 
 def parse(Config, presets: dict, argv=None, prog=None, description=None):
     """argv -> a validated Config instance (preset values, then explicit flags)."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                epilog=f"presets: {', '.join(presets)} (a preset sets defaults; flags override them)")
+    p = _Parser(prog=prog, description=description,
+                epilog=f"presets: {', '.join(presets)} (a preset sets defaults; flags override them)")
     for f in dataclasses.fields(Config):
         kind = f.type if isinstance(f.type, type) else type(f.default)
         flag = "--" + f.name.replace("_", "-")

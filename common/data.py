@@ -9,6 +9,7 @@ colour, centre, radius in pixels) come with the images for programmatic checks a
 
 import gzip
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def read_idx(path: Path) -> torch.Tensor:
         body = raw[4 + 4 * ndim:]
         if len(body) != int(torch.tensor(dims).prod()):
             raise ValueError(f"expected {int(torch.tensor(dims).prod())} bytes of data, found {len(body)}")
-    except (OSError, EOFError, ValueError, struct.error, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as e:
         raise UserError(f"{path}: not a valid IDX file ({e}); delete it and fetch MNIST again") from None
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
 
@@ -128,8 +129,9 @@ def mnist(folder, split: str = "train", size: int = 28, download: bool = False) 
     found = {k: [_find(folder, s) for s in v] for k, v in MNIST_FILES.items()}
     have = {k: all(found[k]) for k in found}
     if not any(have.values()):
-        raise UserError(f"no MNIST IDX files (t10k-images-idx3-ubyte[.gz] ...) in {folder}; "
-                        "point --data-root at a folder that holds them, or add --download")
+        raise UserError(f"no MNIST IDX files (t10k-images-idx3-ubyte[.gz] ...) in {folder}; point --data-root at "
+                        "a folder that holds them (python -c \"from common.data import mnist; "
+                        "mnist('data/mnist', download=True)\" fetches them)")
     if have["train"]:  # the official split
         if not have[split]:
             raise UserError(f"the MNIST {split} files are missing from {folder}")

@@ -128,6 +128,10 @@ class TinyDiT(nn.Module):
         super().__init__()
         if img_size % patch:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch}")
+        # One seed for all weights, drawn before any module is built: the init then does not
+        # depend on which modules exist, so a time-blind net shares every other weight with its
+        # time-conditioned twin built from the same seed.
+        init_seed = int(torch.randint(0, 2**62, (1,)))
         self.img_size, self.C, self.P = img_size, channels, patch
         self.n_classes, self.time_cond = n_classes, time_cond
         self.null_label = n_classes  # the extra embedding row used for CFG dropout
@@ -137,8 +141,6 @@ class TinyDiT(nn.Module):
         self.register_buffer("pos", sincos_2d(img_size // patch, D), persistent=False)
         self.bos = nn.Parameter(torch.zeros(1, 1, D))
         self.c0 = nn.Parameter(torch.zeros(D))  # the condition when nothing else is given
-        if time_cond:
-            self.t_embed = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         if n_classes > 0:
             self.y_pooled = nn.Embedding(n_classes + 1, D)  # adaLN path
             self.y_tokens = nn.Embedding(n_classes + 1, L * D)  # in-context path
@@ -147,22 +149,24 @@ class TinyDiT(nn.Module):
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.final = nn.Linear(D, patch * patch * channels)
+        if time_cond:  # registered last, so it is initialised last (see init_seed)
+            self.t_embed = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         self.attn_hook = None  # see module docstring; set with `with attention_hook(model, fn):`
-        self._init_weights()
+        self._init_weights(torch.Generator().manual_seed(init_seed))
 
-    def _init_weights(self):
+    def _init_weights(self, g: torch.Generator):
         """All init decisions in one place (DiT): xavier linears, small embeddings, and zeros
         for every adaLN modulation and the output layer, so an untrained model predicts v = 0."""
+        nn.init.normal_(self.bos, std=0.02, generator=g)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                nn.init.xavier_uniform_(m.weight, generator=g)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-        nn.init.normal_(self.bos, std=0.02)
+                nn.init.normal_(m.weight, std=0.02, generator=g)
         if self.time_cond:
             for lin in (self.t_embed[0], self.t_embed[2]):
-                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.normal_(lin.weight, std=0.02, generator=g)
         for blk in self.blocks:
             nn.init.zeros_(blk.ada[-1].weight)
             nn.init.zeros_(blk.ada[-1].bias)
@@ -201,7 +205,8 @@ class TinyDiT(nn.Module):
         h = torch.cat([self.context(y, B), tokens], 1)  # (B, n_ctx + N, D)
         for i, blk in enumerate(self.blocks):
             h = blk(h, c, self.attn_hook, i)
-        shift, scale = self.final_ada(c)[:, None].chunk(2, -1)
+        mod = self.final_ada(c)  # (B, 2D), or (B, n_ctx + N, 2D) for a per-token condition
+        shift, scale = (mod[:, None] if mod.dim() == 2 else mod[:, self.n_ctx:]).chunk(2, -1)
         out = self.final(modulate(self.final_norm(h[:, self.n_ctx:]), shift, scale))  # (B, N, P*P*C)
         return unpatchify(out, self.P, self.C, self.img_size)
 

@@ -93,8 +93,10 @@ def get_evaluator(dataset: str, size: int, device, steps: int = 300, seed: int =
     """The cached evaluator for a dataset and its held-out accuracy."""
     train = data_mod.load(dataset, n_train, size, seed, "train", root)
     test = data_mod.load(dataset, 2000, size, seed, "test", root)
+    torch.manual_seed(seed)  # the classifier's init must not depend on what ran before
     net = Classifier(train.channels, train.n_classes)
-    cfg = dict(kind="evaluator", data_version=data_mod.VERSION, dataset=dataset, size=size, steps=steps, seed=seed,
+    cfg = dict(kind="evaluator", version=2, data_version=data_mod.VERSION, dataset=dataset, size=size, steps=steps,
+               seed=seed,
                n_train=n_train)
 
     def fit(net):
@@ -111,7 +113,6 @@ def get_evaluator(dataset: str, size: int, device, steps: int = 300, seed: int =
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         return {}
 
-    torch.manual_seed(seed)
     load_or_train("evaluator", cfg, net, fit)
     ev = Evaluator(net, device)
     return ev, ev.accuracy(test.images, test.labels)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from common import data as data_mod
-from common.config import BaseConfig, cli, field, print_table, resolve_device, run_dir, save_json
+from common.config import BaseConfig, UserError, cli, field, print_table, resolve_device, run_dir, save_json
 from common.dit import SIZES, TinyDiT, count_params
 from common.evaluator import get_evaluator
 from common.flow import fm_loss, interpolate, sample_t
@@ -45,6 +45,10 @@ class Config(BaseConfig):
     sample_steps: int = field(32, "Euler steps when sampling")
     n_samples: int = field(576, "samples per evaluation (balanced over classes)")
     eval_steps: int = field(300, "evaluator training steps")
+
+    def validate(self):
+        if self.size < 8 or self.size % self.patch:
+            raise UserError(f"--size {self.size} must be >= 8 and divisible by --patch {self.patch}")
 
 
 PRESETS = {

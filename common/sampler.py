@@ -14,10 +14,10 @@ import torch
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def autocast(device: torch.device | str):
+def autocast(device: torch.device | str, enabled: bool = True):
     """bf16 autocast on CUDA (tensor cores, half the memory traffic); a no-op elsewhere, so the
-    CPU path stays in float32 and bit-reproducible."""
-    if torch.device(device).type == "cuda":
+    CPU path stays in float32 and bit-reproducible. enabled=False keeps CUDA in float32 too."""
+    if enabled and torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -31,14 +31,15 @@ def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0, device="cpu"
 
 @torch.inference_mode()
 def euler(v: Velocity, x: torch.Tensor, steps: int, t_start: float = 1.0, t_end: float = 0.0,
-          return_trajectory: bool = False):
+          return_trajectory: bool = False, bf16: bool = True):
     """Euler ODE from t_start to t_end. x: the state at t_start, (B, ...).
 
     Returns the final state, or (final, trajectory) with the trajectory (S + 1, B, ...) on the
-    CPU, including the start. t_start/t_end let a script run one segment of a trajectory."""
+    CPU, including the start. t_start/t_end let a script run one segment of a trajectory;
+    bf16=False keeps a CUDA run in float32 (bf16 autocast is never used on the CPU)."""
     grid = time_grid(steps, t_start, t_end, device=x.device)
     traj = [x.cpu()] if return_trajectory else None
-    with autocast(x.device):
+    with autocast(x.device, bf16):
         for t, t_next in zip(grid[:-1], grid[1:]):
             tb = t.expand(x.shape[0])
             x = x + (t_next - t) * v(x, tb).float()  # dt < 0: we move towards data

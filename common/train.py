@@ -111,10 +111,12 @@ def load_or_train(name: str, cfg: dict, model: torch.nn.Module, train_fn) -> dic
     path = checkpoint_path(name, cfg)
     state = load_checkpoint(path, cfg)
     if state is not None:
+        init = {k: v.clone() for k, v in model.state_dict().items()}
         try:
             model.load_state_dict(state["model"])
             return dict(train_seconds=state["train_seconds"], cached=True, **state.get("extra", {}))
-        except RuntimeError:
+        except RuntimeError:  # load_state_dict may have copied some tensors before failing
+            model.load_state_dict(init)
             print(f"checkpoint {path.name} does not fit the model; retraining")
     t0 = time.perf_counter()
     extra = train_fn(model) or {}

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from common.config import BaseConfig, UserError, cli, field, parse, resolve_device
+from common.config import BaseConfig, UserError, cli, field, int_list, parse, resolve_device
 
 
 @dataclasses.dataclass
@@ -35,8 +35,8 @@ def test_bad_values_exit_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         parse(Cfg, PRESETS, argv)
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message in err and "Traceback" not in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
 
 
 def test_devices():
@@ -56,3 +56,33 @@ def test_cli_turns_user_errors_into_one_line(capsys):
         cli(run, Cfg, PRESETS, ["--preset", "smoke"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: the dataset file is missing"
+
+
+def test_cuda_request_without_cuda_is_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        cli(lambda cfg: resolve_device(cfg.device), Cfg, PRESETS, ["--device", "cuda"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA" in err[0]
+
+
+def test_validate_hook_and_int_lists(capsys):
+    @dataclasses.dataclass
+    class Sized(BaseConfig):
+        size: int = field(16, "image size")
+        patch: int = field(4, "patch")
+
+        def validate(self):
+            if self.size % self.patch:
+                raise UserError("--size must be divisible by --patch")
+
+    assert parse(Sized, PRESETS, ["--size", "32"]).size == 32
+    with pytest.raises(SystemExit):
+        parse(Sized, PRESETS, ["--size", "18"])
+    assert "divisible" in capsys.readouterr().err
+    assert int_list("8,16", "--sizes") == [8, 16]
+    for bad in ("8,x", "0", ""):
+        with pytest.raises(UserError):
+            int_list(bad, "--sizes")

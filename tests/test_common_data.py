@@ -58,5 +58,9 @@ def test_mnist_missing_and_corrupt_files(tmp_path):
         mnist(tmp_path)
     with pytest.raises(UserError, match="expected 2 bytes"):
         read_idx(tmp_path / "t10k-labels-idx1-ubyte.gz")  # truncated body
+    good = gzip.compress(b"\x00\x00\x08\x01" + b"\x00\x00\x00\x01" + b"\x01" * 64)
+    (tmp_path / "bad.gz").write_bytes(good[:12] + bytes(b ^ 0xFF for b in good[12:-8]) + good[-8:])
+    with pytest.raises(UserError, match="not a valid IDX file"):
+        read_idx(tmp_path / "bad.gz")  # a valid gzip header over a broken deflate stream
     with pytest.raises(UserError, match="unknown dataset"):
         load("cifar", 1, 16, 0)

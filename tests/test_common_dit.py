@@ -98,3 +98,12 @@ def test_patchify_roundtrip_and_bad_size():
     assert torch.equal(unpatchify(tokens, 2, 3, 8), x)
     with pytest.raises(ValueError, match="not divisible"):
         TinyDiT(img_size=10, patch=4)
+
+
+def test_time_blind_twin_shares_all_other_initial_weights():
+    torch.manual_seed(3)
+    cond = TinyDiT(img_size=8, patch=2, width=32, depth=2, heads=2, time_cond=True).state_dict()
+    torch.manual_seed(3)
+    blind = TinyDiT(img_size=8, patch=2, width=32, depth=2, heads=2, time_cond=False).state_dict()
+    assert set(cond) - set(blind) == {k for k in cond if k.startswith("t_embed")}
+    assert all(torch.equal(cond[k], blind[k]) for k in blind)

@@ -20,9 +20,16 @@ def test_paired_metrics():
     assert torch.allclose(paired_distance(f, -f), torch.full((5,), 2.0))
 
 
-def test_evaluator_trains_caches_and_scores():
+def test_evaluator_trains_caches_and_scores(monkeypatch):
+    import common.evaluator
+
     ev, acc = get_evaluator("shapes", 8, "cpu", steps=20, n_train=512)
-    ev2, acc2 = get_evaluator("shapes", 8, "cpu", steps=20, n_train=512)  # from the cache
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached evaluator was retrained")
+
+    monkeypatch.setattr(common.evaluator, "optimizer_step", no_training)
+    ev2, acc2 = get_evaluator("shapes", 8, "cpu", steps=20, n_train=512)  # must come from the cache
     assert acc == acc2 and 0 <= acc <= 1
     x, y = torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     assert torch.equal(ev.logits(x), ev2.logits(x))

@@ -61,7 +61,7 @@ class Toy(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 0.0]))
+        self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 0.5]))  # index 3: the null label
 
     def forward(self, x, t, y):
         return x * 0 + self.w[y].reshape(-1, 1, 1, 1)
@@ -72,7 +72,8 @@ def test_cfg_velocity_formula():
     with torch.no_grad():
         assert torch.equal(cfg_velocity(model, y, 1.0, 3)(x, t), model(x, t, y))
         assert torch.equal(cfg_velocity(model, y, 0.0, 3)(x, t), model(x, t, torch.full_like(y, 3)))
-        expect = 0 + 2.5 * (model(x, t, y) - 0)
+        uncond = model(x, t, torch.full_like(y, 3))
+        expect = uncond + 2.5 * (model(x, t, y) - uncond)
         assert torch.allclose(cfg_velocity(model, y, 2.5, 3)(x, t), expect)
 
 

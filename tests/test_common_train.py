@@ -43,3 +43,20 @@ def test_checkpoint_cache_roundtrip_corrupt_and_mismatch(capsys):
     assert "unreadable" in capsys.readouterr().out
     save_checkpoint(path, dict(model={}, config=cfg))  # missing train_seconds
     assert load_checkpoint(path, cfg) is None
+
+
+def test_checkpoint_that_does_not_fit_is_retrained_from_the_untouched_model(capsys):
+    cfg = dict(kind="test", shape="mismatch")
+    save_checkpoint(checkpoint_path("unit2", cfg), dict(model={"weight": torch.ones(2, 3)}, config=cfg,
+                                                        train_seconds=1.0))
+    model = torch.nn.Linear(3, 2)  # has a bias the checkpoint lacks: strict loading fails
+    before = model.weight.detach().clone()
+    seen = {}
+
+    def fit(m):
+        seen["w"] = m.weight.detach().clone()
+        return {}
+
+    info = load_or_train("unit2", cfg, model, fit)
+    assert not info["cached"] and "does not fit" in capsys.readouterr().out
+    assert torch.equal(seen["w"], before)  # training started from the model's own init
