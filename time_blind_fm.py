@@ -50,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 from common import data as data_mod
+from common import dit
 from common.config import BaseConfig, UserError, cli, field, int_list, print_table, resolve_device, run_dir, save_json
 from common.dit import SIZES, TinyDiT
 from common.evaluator import get_evaluator
@@ -204,7 +205,8 @@ def train_fm(cfg, x_train: torch.Tensor, time_cond: bool, coupling: str, device)
     size, C = x_train.shape[-1], x_train.shape[1]
     torch.manual_seed(cfg.seed)
     model = make_net(cfg, size, C, time_cond)
-    key = dict(kind="time_blind_fm", data_version=data_mod.VERSION, dataset=cfg.dataset, size=size, model=cfg.model,
+    key = dict(kind="time_blind_fm", data_version=data_mod.VERSION, model_version=dit.VERSION, dataset=cfg.dataset,
+               size=size, model=cfg.model,
                steps=cfg.steps,
                batch=cfg.batch, lr=cfg.lr, n_train=cfg.n_train, seed=cfg.seed, time_cond=time_cond, coupling=coupling)
 

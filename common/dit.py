@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+VERSION = 2  # part of every checkpoint key: bump it whenever the architecture or the init changes
+
 # Size presets: width D, depth, heads H. Small on purpose: everything must train on a laptop CPU.
 SIZES = {
     "xs": dict(width=64, depth=2, heads=4),

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from common import data as data_mod
+from common import dit
 from common.config import BaseConfig, UserError, cli, field, print_table, resolve_device, run_dir, save_json
 from common.dit import SIZES, TinyDiT, count_params
 from common.evaluator import get_evaluator
@@ -66,7 +67,8 @@ def train_config(cfg) -> dict:
     """Everything that changes the trained weights, and nothing else: the checkpoint key."""
     keys = ("dataset", "size", "model", "patch", "steps", "batch", "lr", "ema", "p_uncond", "time_sampler",
             "n_train", "seed")
-    return dict(kind="base", data_version=data_mod.VERSION, **{k: getattr(cfg, k) for k in keys})
+    return dict(kind="base", data_version=data_mod.VERSION, model_version=dit.VERSION,
+                **{k: getattr(cfg, k) for k in keys})
 
 
 def base_model(cfg, device, data=None, data_key: str | None = None) -> tuple[TinyDiT, dict]:
