@@ -163,8 +163,8 @@ def synthetic_sweep(cfg):
     rows = []
     for k, dmk in tqdm(grid, desc="estimator (synthetic)", leave=False):
         # d is chosen so that d - k' = dmk, where k' = k + 1 counts the added mean direction
-        x = spiked_data(3000, dmk + k + 1, k, g)
-        rmse, dmk_eff, *_ = estimator_rmse(x[:1000], x[1000:], k, g)
+        x = spiked_data(2000, dmk + k + 1, k, g)
+        rmse, dmk_eff, *_ = estimator_rmse(x[:1000], x[1000:], k, g)  # fit on 1,000, test on 1,000
         rows.append(dict(k=k, d=dmk + k + 1, d_minus_k=dmk_eff, rmse=rmse, rmse_sqrt_dmk=rmse * math.sqrt(dmk_eff)))
     return rows
 
@@ -175,7 +175,7 @@ def image_sweep(cfg, images_by_size):
     ks = int_list(cfg.ks, "--ks")
     by_k, scatter = {k: [] for k in ks}, None
     for size, x in images_by_size.items():
-        flat = x.flatten(1).double()
+        flat = x[:4000].flatten(1).double()  # 4,000 images are plenty for a PCA with k <= 64
         half = len(flat) // 2  # fit the subspace on one half, estimate t on the other
         directions = principal_directions(flat[:half])  # one SVD per size, shared by every k
         for k in ks:
