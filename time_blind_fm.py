@@ -30,9 +30,11 @@ Estimator (reconstructed; PAPERS.md section 5). Let U be the data's top-k princi
 
 Deviations from the paper. Toy data (procedural shapes at 8-32 px, MNIST when present) instead
     of CIFAR-10 / CelebA-HQ / FFHQ; a 2-layer TinyDiT-xs trained for a minute each; unconditional nets;
-    the evaluator FD (common/evaluator.py) stands in for FID. The gap by resolution keeps a
-    4 x 4 token grid at every size (patch = size / 4), so the network's cost stays the same while
-    the pixel dimension d grows.
+    the evaluator FD (common/evaluator.py) stands in for FID. The gap by resolution uses patch 4
+    at every size and a constant token budget per step (`batch_for`), so each size costs about the
+    same. (A first version kept 16 tokens with patch 8 at 32 px: each token then had to emit 192
+    values from a 64-wide feature, both nets stalled at loss 0.80, and the tiny gap share there
+    was an artefact of the huge loss. Check `gap_by_resolution` losses before trusting a share.)
 
 Run
     python time_blind_fm.py                    # cpu preset, about 8-10 min on 2 CPU cores
@@ -75,7 +77,7 @@ class Config(BaseConfig):
     model: str = field("xs", "TinyDiT size of the velocity nets (xs: 8 nets fit a 10-minute CPU run)",
                        choices=tuple(SIZES))
     steps: int = field(1200, "optimizer steps per model (all models get the same steps and seeds)")
-    batch: int = field(128, "batch size; also the minibatch of the OT coupling")
+    batch: int = field(128, "batch size at 16 px (other sizes keep batch x tokens fixed); the OT minibatch")
     lr: float = field(2e-3, "AdamW learning rate (2e-3 trained the base model best on a CPU budget)")
     n_train: int = field(10000, "training images per size")
     n_bank: int = field(2048, "held-out (x, eps, t) draws every model is scored on")
@@ -193,22 +195,31 @@ def image_sweep(cfg, images_by_size):
 # %% part 2: coupling vs clock -- the 2 x 2 grid
 
 
+PATCH = 4  # at every size: each token emits 4*4*3 = 48 values, below the net's width (no bottleneck)
+
+
 def make_net(cfg, size: int, channels: int, time_cond: bool) -> TinyDiT:
-    """Unconditional TinyDiT with a 4 x 4 token grid at every size (patch = size / 4)."""
-    return TinyDiT(img_size=size, channels=channels, patch=max(1, size // 4), n_classes=0, time_cond=time_cond,
+    """Unconditional TinyDiT, patch 4 at every size (4, 16 or 64 image tokens at 8, 16, 32 px)."""
+    return TinyDiT(img_size=size, channels=channels, patch=PATCH, n_classes=0, time_cond=time_cond,
                    **SIZES[cfg.model])
+
+
+def batch_for(cfg, size: int) -> int:
+    """A constant token budget per step: cfg.batch images at 16 px (16 tokens), so 4x the images
+    at 8 px and a quarter at 32 px. Every size then costs about the same per step."""
+    return max(1, cfg.batch * 16 // (size // PATCH) ** 2)
 
 
 def train_fm(cfg, x_train: torch.Tensor, time_cond: bool, coupling: str, device) -> TinyDiT:
     """Plain flow matching; the two switches are the only differences between the four cells.
     Identical seeds: every cell sees the same data batches, noise and times, in the same order."""
     size, C = x_train.shape[-1], x_train.shape[1]
+    batch = batch_for(cfg, size)
     torch.manual_seed(cfg.seed)
     model = make_net(cfg, size, C, time_cond)
     key = dict(kind="time_blind_fm", data_version=data_mod.VERSION, model_version=dit.VERSION, dataset=cfg.dataset,
-               size=size, model=cfg.model,
-               steps=cfg.steps,
-               batch=cfg.batch, lr=cfg.lr, n_train=cfg.n_train, seed=cfg.seed, time_cond=time_cond, coupling=coupling)
+               size=size, model=cfg.model, patch=PATCH, steps=cfg.steps, batch=batch, lr=cfg.lr, n_train=cfg.n_train,
+               seed=cfg.seed, time_cond=time_cond, coupling=coupling)
 
     def fit(model):
         model.to(device).train()
@@ -217,9 +228,9 @@ def train_fm(cfg, x_train: torch.Tensor, time_cond: bool, coupling: str, device)
         name = f"{'cond' if time_cond else 'blind'}/{coupling} {size}px"
         bar = tqdm(range(cfg.steps), desc=name, leave=False, mininterval=1.0)
         for _ in bar:
-            x = x_train[torch.randint(0, len(x_train), (cfg.batch,), generator=g)]
+            x = x_train[torch.randint(0, len(x_train), (batch,), generator=g)]
             eps = pair_noise(x, torch.randn(x.shape, generator=g), coupling)  # the coupling switch
-            t = torch.rand(cfg.batch, generator=g)
+            t = torch.rand(batch, generator=g)
             x, eps, t = x.to(device), eps.to(device), t.to(device)
             loss = fm_loss(model(interpolate(x, eps, t), t), x, eps).mean()  # blind nets never read t
             optimizer_step(loss, model, opt, ema)
@@ -267,15 +278,15 @@ def grid_experiment(cfg, data_by_size, device):
     for name in SETTINGS:
         time_cond, coupling = name.startswith("cond"), COUPLING[name.split("_")[1]]
         model = train_fm(cfg, train, time_cond, coupling, device)
-        per_example = bank_loss(model, bank, coupling, cfg.batch, device)
+        per_example = bank_loss(model, bank, coupling, batch_for(cfg, cfg.grid_size), device)
         loss[name] = per_example.mean().item()
         per_bin[name] = loss_per_time_bin(bank[2], per_example, bins=10)
         samples[name] = euler(lambda x, t, m=model: m(x, t), noise.to(device), cfg.sample_steps).cpu()
     gap = {}
     for size, (tr, te) in data_by_size.items():  # the gap's share of the loss as d grows
         b = make_bank(te, cfg.n_bank, cfg.seed)
-        lc = bank_loss(train_fm(cfg, tr, True, "independent", device), b, "independent", cfg.batch, device)
-        lb = bank_loss(train_fm(cfg, tr, False, "independent", device), b, "independent", cfg.batch, device)
+        lc = bank_loss(train_fm(cfg, tr, True, "independent", device), b, "independent", 256, device)
+        lb = bank_loss(train_fm(cfg, tr, False, "independent", device), b, "independent", 256, device)
         lc, lb = lc.mean().item(), lb.mean().item()
         gap[str(size)] = dict(loss_cond=lc, loss_blind=lb, gap_fraction=(lb - lc) / lb)
     return loss, per_bin, samples, gap
