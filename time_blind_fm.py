@@ -37,7 +37,7 @@ Deviations from the paper. Toy data (procedural shapes at 8-32 px, MNIST when pr
     was an artefact of the huge loss. Check `gap_by_resolution` losses before trusting a share.)
 
 Run
-    python time_blind_fm.py                    # cpu preset, about 8-10 min on 2 CPU cores
+    python time_blind_fm.py                    # cpu preset, about 11 min on 2 CPU cores (651 s measured)
     python time_blind_fm.py --preset gpu       # larger models, GPU (not measured yet)
     python time_blind_fm.py --preset smoke     # seconds, what the tests run
     python time_blind_fm.py --dataset mnist --data-root ../shared/data/mnist
@@ -112,6 +112,11 @@ def principal_directions(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svd(x - x.mean(0), full_matrices=False)[2]
 
 
+def off_subspace(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """P x = x - U U^T x: the part of each row of x (n, d) outside the span of basis (d, k')."""
+    return x - (x @ basis) @ basis.T
+
+
 def fit_subspace(x: torch.Tensor, k: int, directions: torch.Tensor | None = None):
     """x: (n, d) samples of the data. -> (basis (d, k'), c): the top principal directions plus the
     mean direction (orthonormal, k' <= k + 1), and the data's mean energy per dimension outside them.
@@ -119,15 +124,14 @@ def fit_subspace(x: torch.Tensor, k: int, directions: torch.Tensor | None = None
     mean = x.mean(0)
     Vh = principal_directions(x) if directions is None else directions
     basis, _ = torch.linalg.qr(torch.cat([Vh[:k].T, mean[:, None]], 1))  # add the mean direction
-    resid = x - (x @ basis) @ basis.T
-    c = resid.pow(2).sum(1).mean().item() / (x.shape[1] - basis.shape[1])
+    c = off_subspace(x, basis).pow(2).sum(1).mean().item() / (x.shape[1] - basis.shape[1])
     return basis, c
 
 
 def estimate_t(xt: torch.Tensor, basis: torch.Tensor, c: float) -> torch.Tensor:
     """The closed-form estimator: xt (n, d) -> t_hat (n,) in [0, 1]."""
     d, k = xt.shape[1], basis.shape[1]
-    q = (xt - (xt @ basis) @ basis.T).pow(2).sum(1) / (d - k)  # energy per off-subspace dimension
+    q = off_subspace(xt, basis).pow(2).sum(1) / (d - k)  # energy per off-subspace dimension
     t_hat = (c + torch.sqrt(((1 + c) * q - c).clamp(min=0))) / (1 + c)  # root of (1+c)t^2 - 2ct + c - q
     return t_hat.clamp(0, 1)
 
@@ -283,7 +287,7 @@ def grid_experiment(cfg, data_by_size, device):
         per_example = bank_loss(model, bank, coupling, batch_for(cfg, cfg.grid_size), device)
         loss[name] = per_example.mean().item()
         per_bin[name] = loss_per_time_bin(bank[2], per_example, bins=10)
-        samples[name] = euler(lambda x, t, m=model: m(x, t), noise.to(device), cfg.sample_steps).cpu()
+        samples[name] = euler(model, noise.to(device), cfg.sample_steps).cpu()  # blind nets ignore t
     gap = {}
     for size, (tr, te) in data_by_size.items():  # the gap's share of the loss as d grows
         b = make_bank(te, cfg.n_bank, cfg.seed)
@@ -344,7 +348,7 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     out = run_dir(cfg, "time_blind_fm")
-    sizes = sorted({int(s) for s in cfg.sizes.split(",")} | {cfg.grid_size})
+    sizes = sorted(set(int_list(cfg.sizes, "--sizes")) | {cfg.grid_size})
     root = cfg.data_root or None
     data_by_size = {s: (data_mod.load(cfg.dataset, cfg.n_train, s, cfg.seed, "train", root).images,
                         data_mod.load(cfg.dataset, max(cfg.n_bank, cfg.n_samples), s, cfg.seed, "test", root).images)
@@ -352,7 +356,7 @@ def run(cfg: Config) -> dict:
 
     synth = synthetic_sweep(cfg)
     images, scatter = image_sweep(cfg, {s: torch.cat(data_by_size[s]) for s in sizes})
-    headline_k = int(cfg.ks.split(",")[-1])
+    headline_k = int_list(cfg.ks, "--ks")[-1]
     slopes = {k: loglog_slope([r["d_minus_k"] for r in rows], [r["rmse"] for r in rows]) if len(rows) > 1
               else None for k, rows in images.items()}  # None (JSON null): fewer than two sizes
     loss, per_bin, samples, gap = grid_experiment(cfg, data_by_size, device)

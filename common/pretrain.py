@@ -78,7 +78,8 @@ def base_model(cfg, device, data=None, data_key: str | None = None) -> tuple[Tin
     `data_key` naming it: the key goes into the checkpoint hash, so two datasets never share a file."""
     if (data is None) != (data_key is None):
         raise ValueError("pass data and data_key together: the key tells the cache which data trained the model")
-    data = data or data_mod.load(cfg.dataset, cfg.n_train, cfg.size, cfg.seed, "train", cfg.data_root or None)
+    if data is None:
+        data = data_mod.load(cfg.dataset, cfg.n_train, cfg.size, cfg.seed, "train", cfg.data_root or None)
     torch.manual_seed(cfg.seed)  # the weight init
     model = TinyDiT(**model_kwargs(cfg, data.n_classes, data.channels))
 
