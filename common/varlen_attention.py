@@ -12,14 +12,37 @@ memory held is exactly the tokens kept.
     k_new, v_new:       (B, H, Nn, Dh)   the chunk's own keys/values (attended by every query)
     -> out:             (B, H, Nq, Dh)   softmax(q [k_cache; k_new]^T / sqrt(Dh)) [v_cache; v_new]
 
-`varlen_attention_ref` is the obvious version (a Python loop over pairs); the fused Triton kernel
-beside it must agree with it.
+In the order of Triton's tutorials: the reference (`varlen_attention_ref`, a loop over pairs), the
+vectorised PyTorch path (`varlen_attention_grouped`: gather + SDPA per group of equal lengths, what
+the official Forcing-KV code does per head type), the fused kernel (`_varlen_attention_kernel`: online
+softmax straight over the packed runs, no gathered copy), the launcher (`varlen_attention`,
+`resolve_impl`), then the benchmark (`bench`, `run_bench`). The tests are in tests/test_varlen_attention.py.
+Triton is optional: this module imports without it, and the kernel also runs on the CPU under
+Triton's interpreter (TRITON_INTERPRET=1), which is how CI checks it (slowly; no speed claims).
 """
 
-import torch
+from __future__ import annotations  # keeps `tl.constexpr` annotations unevaluated when triton is absent
 
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.config import UserError
 from common.dit import attention_ref
 
+try:  # the fused path is optional: CUDA builds of torch ship triton, CPU-only installs may not
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = tl = None
+
+
+# %% 1. The reference, and the vectorised PyTorch path
 
 def varlen_attention_ref(q, k_packed, v_packed, offsets, lengths, k_new, v_new):
     """The reference: for each (b, h), slice its cached run, append the chunk's own keys/values and
@@ -36,3 +59,228 @@ def varlen_attention_ref(q, k_packed, v_packed, offsets, lengths, k_new, v_new):
             v = torch.cat([v_packed[s:s + n], v_new[b, h]])
             out[b, h] = attention_ref(q[b, h][None, None], k[None, None], v[None, None])[0, 0]
     return out
+
+
+def varlen_attention_grouped(q, k_packed, v_packed, offsets, lengths, k_new, v_new):
+    """Gather + SDPA per group of pairs with equal cache length (the official code's way: one group
+    per head type). Vectorised, but it materialises a gathered, concatenated K/V copy per group."""
+    B, H, Nq, Dh = q.shape
+    out = torch.empty_like(q)
+    q_, kn, vn, o_ = (x.reshape(B * H, 1, -1, Dh) for x in (q, k_new, v_new, out))  # (B*H, 1, N, Dh) views
+    lens, offs = lengths.reshape(-1).tolist(), offsets.reshape(-1).tolist()  # host-side bookkeeping
+    for n in sorted(set(lens)):
+        pairs = [i for i, m in enumerate(lens) if m == n]
+        sel = torch.tensor(pairs, device=q.device)  # (G,) the pairs of this group
+        rows = torch.tensor([offs[i] for i in pairs], device=q.device)[:, None] + torch.arange(n, device=q.device)
+        k = torch.cat([k_packed[rows][:, None], kn[sel]], dim=2)  # (G, 1, n + Nn, Dh): the copy
+        v = torch.cat([v_packed[rows][:, None], vn[sel]], dim=2)
+        o_[sel] = F.scaled_dot_product_attention(q_[sel], k, v)
+    return out
+
+
+# %% 2. The fused kernel: one program per (b, h, block of queries)
+
+def _jit(fn):  # without triton the kernel is still defined (and readable), it just cannot be launched
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _varlen_attention_kernel(Q, KC, VC, Offsets, Lengths, KN, VN, Out, sm_scale, H, Nq, Nn,
+                             sqb, sqh, sqm, skc, snb, snh, snn, sob, soh, som,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Flash-attention's online softmax over one pair's keys, read in BLOCK_N tiles: first its packed
+    cached run, then the chunk's own keys. Both are one *virtual* sequence of n + Nn keys: tile
+    column j comes from the cache if j < n, else from k_new[j - n]; two masked loads, never a copy.
+    The last dimension is contiguous (stride 1) in every tensor; BLOCK_D pads HEAD_DIM to a power of 2."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    start, n = tl.load(Offsets + pid_bh).to(tl.int64), tl.load(Lengths + pid_bh)  # this pair's run
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query indices
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims[None, :] < HEAD_DIM  # (1, BLOCK_D): the padding of a non-power-of-2 head dim
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :], mask=(rows[:, None] < Nq) & d_ok,
+                other=0.0)  # (BLOCK_M, BLOCK_D)
+    qk_scale = sm_scale * 1.4426950408889634  # 1/sqrt(Dh) times log2(e): exp2 below is exp
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
+    new_base = b * snb + h * snh
+    for j0 in range(0, n + Nn, BLOCK_N):  # every tile holds >= 1 real key, so m_i is finite after it
+        cols = j0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) positions in the virtual sequence
+        in_cache, in_new = cols < n, (cols >= n) & (cols < n + Nn)  # the ragged tail is in neither
+        c_ptr = (start + cols)[:, None] * skc + dims[None, :]  # (BLOCK_N, BLOCK_D)
+        n_ptr = new_base + (cols - n)[:, None] * snn + dims[None, :]
+        c_ok, n_ok = in_cache[:, None] & d_ok, in_new[:, None] & d_ok
+        k = tl.where(c_ok, tl.load(KC + c_ptr, mask=c_ok, other=0.0), tl.load(KN + n_ptr, mask=n_ok, other=0.0))
+        v = tl.where(c_ok, tl.load(VC + c_ptr, mask=c_ok, other=0.0), tl.load(VN + n_ptr, mask=n_ok, other=0.0))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+        s = tl.where((in_cache | in_new)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what was summed under the old max
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(Out + b * sob + h * soh + rows[:, None] * som + dims[None, :], out.to(Out.dtype.element_ty),
+             mask=(rows[:, None] < Nq) & d_ok)
+
+
+# %% 3. The launcher
+
+def _interpreting() -> bool:
+    """Triton reads TRITON_INTERPRET when it is imported: set it before (tests/conftest.py does on CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def varlen_attention_triton(q, k_packed, v_packed, offsets, lengths, k_new, v_new, block_m=64, block_n=64):
+    """Launch the fused kernel: grid (query blocks, B * H). Same arguments and result as the reference."""
+    B, H, Nq, Dh = q.shape
+    Nn = k_new.shape[2]
+    assert k_packed.shape == v_packed.shape and k_packed.shape[1] == Dh and offsets.shape == lengths.shape == (B, H)
+    assert k_new.shape == v_new.shape == (B, H, Nn, Dh) and Nn >= 1, "the chunk attends at least to itself"
+    q, k_packed, v_packed, k_new, v_new = (x.contiguous() for x in (q, k_packed, v_packed, k_new, v_new))
+    offsets, lengths = offsets.to(q.device, torch.int32).contiguous(), lengths.to(q.device, torch.int32).contiguous()
+    out = torch.empty_like(q)
+    BLOCK_M = min(block_m, max(16, triton.next_power_of_2(Nq)))  # tl.dot needs tiles of >= 16
+    grid = (triton.cdiv(Nq, BLOCK_M), B * H)
+    _varlen_attention_kernel[grid](
+        q, k_packed, v_packed, offsets, lengths, k_new, v_new, out, 1 / math.sqrt(Dh), H, Nq, Nn,
+        *q.stride()[:3], k_packed.stride(0), *k_new.stride()[:3], *out.stride()[:3],
+        HEAD_DIM=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)), BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # ieee: exact fp32, no TF32 rounding
+    return out
+
+
+def resolve_impl(name: str, device) -> str:
+    """--attention {auto,torch,triton} -> 'torch' or 'triton'. auto: the kernel when it can run
+    compiled (CUDA device and triton); asking for triton where it cannot run is a UserError."""
+    device = torch.device(device)
+    if name == "torch":
+        return "torch"
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton is not None else "torch"
+    if name != "triton":
+        raise UserError(f"--attention must be auto, torch or triton; got {name!r}")
+    if triton is None:
+        raise UserError("--attention triton needs the triton package (pip install triton); use --attention torch")
+    if device.type != "cuda" and not _interpreting():
+        raise UserError("--attention triton needs a CUDA device (or TRITON_INTERPRET=1 to run it slowly on the CPU); "
+                        "use --attention torch")
+    return "triton"
+
+
+def varlen_attention(q, k_packed, v_packed, offsets, lengths, k_new, v_new, impl="torch"):
+    """The entry point for models: impl 'torch' (gather + SDPA per group) or 'triton' (fused kernel)."""
+    if impl == "torch":
+        return varlen_attention_grouped(q, k_packed, v_packed, offsets, lengths, k_new, v_new)
+    if impl == "triton":
+        resolve_impl("triton", q.device)  # one clear error instead of a crash deep inside triton
+        return varlen_attention_triton(q, k_packed, v_packed, offsets, lengths, k_new, v_new)
+    raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
+
+
+# %% 4. The benchmark: time per chunk-attention call, full cache vs gather + SDPA vs fused
+
+# (label, B, H, Dh, tokens per frame). TinyDiT-s: width 96, 4 heads of 24; frames of 16/32/64 px at
+# patch 4. The last row is Wan2.1-1.3B-like at 480p (12 heads of 128, 60x104 latents / 2x2 patches).
+TINY_SIZES = [("16px", 1, 4, 24, 16), ("32px", 1, 4, 24, 64), ("64px", 1, 4, 24, 256)]
+GPU_SIZES = TINY_SIZES + [("480p-like", 1, 12, 128, 1560)]
+
+
+def bench_case(B, H, Dh, tokens, cache_frames, chunk_frames=3, static_fraction=0.4, device="cpu",
+               dtype=torch.float32, seed=0):
+    """Random tensors shaped like one chunk-attention call. Full cache: cache_frames frames for every
+    head. Compressed, as Forcing-KV: a random static_fraction of heads keeps sink + last frame; the
+    others keep sink + the recent half + a segment buffer of tokens // 2 + 3 (not a tile multiple)."""
+    g = torch.Generator().manual_seed(seed)
+    static = torch.rand(B, H, generator=g).argsort(1) < round(static_fraction * H)  # (B, H) head types
+    n_static = min(2, cache_frames) * tokens
+    n_dynamic = min(cache_frames * tokens, (1 + cache_frames // 2) * tokens + tokens // 2 + 3)
+    lengths = torch.where(static, n_static, n_dynamic)  # (B, H)
+    offsets = (lengths.reshape(-1).cumsum(0) - lengths.reshape(-1)).reshape(B, H)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    Nq, T = chunk_frames * tokens, int(lengths.sum())
+    return dict(q=r(B, H, Nq, Dh), k_packed=r(T, Dh), v_packed=r(T, Dh), offsets=offsets, lengths=lengths,
+                k_new=r(B, H, Nq, Dh), v_new=r(B, H, Nq, Dh), k_full=r(B, H, cache_frames * tokens + Nq, Dh),
+                v_full=r(B, H, cache_frames * tokens + Nq, Dh))
+
+
+def _time_ms(device, fn, *args) -> float:
+    """Median milliseconds per call fn(*args). On CUDA, triton's do_bench (it flushes the L2 cache
+    between calls, so the K/V cannot sit in L2); on the CPU, wall-clock time after one warm-up call."""
+    if device.type == "cuda" and triton is not None:
+        return float(triton.testing.do_bench(lambda: fn(*args), warmup=25, rep=200, return_mode="median"))
+    ts = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        fn(*args)
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * sorted(ts[1:])[2]
+
+
+def bench(device, sizes=TINY_SIZES, cache_frames=(8, 16, 24), seed=0) -> dict:
+    """Time (1) full-cache SDPA, (2) gather + SDPA per head group, (3) the fused kernel (CUDA only)."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32  # bf16 is what video models run in on GPUs
+    fused = cuda and triton is not None and not _interpreting()
+    rows = []
+    for (label, B, H, Dh, tokens), C in tqdm([(s, c) for s in sizes for c in cache_frames], desc="bench"):
+        a = bench_case(B, H, Dh, tokens, C, device=device, dtype=dtype, seed=seed)
+        args = [a[k] for k in ("q", "k_packed", "v_packed", "offsets", "lengths", "k_new", "v_new")]
+        row = dict(size=label, B=B, H=H, Dh=Dh, tokens_per_frame=tokens, cache_frames=C,
+                   kept_fraction=round(int(a["lengths"].sum()) / (B * H * C * tokens), 4),
+                   ms_full_sdpa=_time_ms(device, F.scaled_dot_product_attention, a["q"], a["k_full"], a["v_full"]),
+                   ms_gather_sdpa=_time_ms(device, varlen_attention_grouped, *args))  # host-side lengths
+        if fused:
+            args[3:5] = [x.to(device) for x in args[3:5]]  # the kernel reads offsets/lengths on the device
+            row["ms_fused"] = _time_ms(device, varlen_attention_triton, *args)
+            n_read_write = 2 * (a["q"].numel() + a["k_packed"].numel() + a["k_new"].numel())  # q+out, K+V, new K+V
+            row["fused_GBps"] = n_read_write * a["q"].element_size() / (row["ms_fused"] * 1e-3) / 1e9
+            row["speedup_fused_vs_gather"] = row["ms_gather_sdpa"] / row["ms_fused"]
+            err = varlen_attention_triton(*args).float() - varlen_attention_grouped(*args).float()
+            row["max_abs_err_fused_vs_gather"] = float(err.abs().max())
+        rows.append(row)
+    note = ("fused kernel timed" if fused else "fused kernel skipped: it needs CUDA (the CPU interpreter only checks "
+            "correctness, see tests/test_varlen_attention.py; no speed claims)")
+    return dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", dtype=str(dtype).replace("torch.", ""),
+                fused_note=note, rows=rows)
+
+
+def plot_bench(result: dict, path) -> None:
+    """One panel per frame size: milliseconds per call against cache length, one line per method."""
+    import matplotlib.pyplot as plt
+
+    import common.plot  # noqa: F401  (selects the non-interactive backend)
+
+    labels = list(dict.fromkeys(r["size"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        rs = [r for r in result["rows"] if r["size"] == label]
+        for key, name in [("ms_full_sdpa", "full cache, SDPA"), ("ms_gather_sdpa", "compressed, gather + SDPA"),
+                          ("ms_fused", "compressed, fused kernel")]:
+            if key in rs[0]:
+                ax.plot([r["cache_frames"] for r in rs], [r[key] for r in rs], marker="o", ms=3, label=name)
+        ax.set(title=f"{label} ({rs[0]['tokens_per_frame']} tok/frame)", xlabel="cache frames", ylabel="ms per call")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{result['device']}, {result['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(out_dir, device, sizes=None, cache_frames=(8, 16, 24)) -> dict:
+    """What `forcing_kv.py --bench` calls: bench, then <out_dir>/bench.json and fig_bench.png."""
+    device = torch.device(device)
+    sizes = sizes or (GPU_SIZES if device.type == "cuda" else TINY_SIZES)
+    result = bench(device, sizes, cache_frames)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_bench(result, out / "fig_bench.png")
+    return result

@@ -1,8 +1,17 @@
 """Shared test setup: checkpoints go to a temporary folder, never the repository's cache."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# tests/test_varlen_attention.py runs the fused Triton kernel on the CPU through Triton's interpreter.
+# Triton reads TRITON_INTERPRET once, when it is first imported, and torchvision imports it while the
+# test modules are collected, so the switch must be set here, before any of them. Only without CUDA:
+# there no compiled Triton kernel can launch anyway, so nothing else changes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

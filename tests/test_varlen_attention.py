@@ -1,0 +1,162 @@
+"""The fused varlen-attention kernel and the grouped PyTorch path against the loop reference.
+
+Without CUDA the kernel runs under Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1
+before anything imports triton (triton reads it at import; torchvision imports triton during
+collection). Plain `python -m pytest` therefore checks the kernel on a CPU-only machine; with CUDA
+the same tests check the compiled kernel. Shapes stay tiny: the interpreter is slow.
+"""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import common.varlen_attention as va
+from common.config import UserError
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+KERNEL_DEVICE = "cpu" if INTERPRETED else "cuda"
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not (INTERPRETED or torch.cuda.is_available()),
+    reason="the fused path needs triton, and CUDA or TRITON_INTERPRET=1 set before triton is imported")
+ATOL_FP32 = 1e-5  # the issue's target: max abs error in fp32 against the reference
+
+
+def make_case(lengths, Nq=6, Nn=5, Dh=24, seed=0, gaps=True, dtype=torch.float32):
+    """Random tensors for per-(b, h) cache lengths (a (B, H) list). The runs are packed in a shuffled
+    order with NaN rows between them, so a kernel that reads outside its own run fails loudly."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    B, H = lengths.shape
+    order = torch.randperm(B * H, generator=g).tolist()  # storage order differs from (b, h) order
+    offsets, pos = torch.zeros(B * H, dtype=torch.long), 0
+    for i in order:
+        pos += 2 if gaps else 0  # NaN rows between runs
+        offsets[i], pos = pos, pos + int(lengths.reshape(-1)[i])
+    T = pos + (2 if gaps else 0)
+    k_packed, v_packed = torch.full((T, Dh), float("nan")), torch.full((T, Dh), float("nan"))
+    for i in range(B * H):
+        s, n = int(offsets[i]), int(lengths.reshape(-1)[i])
+        k_packed[s:s + n], v_packed[s:s + n] = torch.randn(2, n, Dh, generator=g)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    args = (r(B, H, Nq, Dh), k_packed, v_packed, offsets.reshape(B, H), lengths, r(B, H, Nn, Dh), r(B, H, Nn, Dh))
+    return tuple(x.to(dtype) if x.is_floating_point() else x for x in args)
+
+
+def max_err(a, b):
+    return (a.float().cpu() - b.float().cpu()).abs().max().item()
+
+
+# %% the references agree with each other
+
+
+def test_reference_equals_plain_attention_over_concatenated_keys():
+    q, kp, vp, off, lens, kn, vn = make_case([[3, 0]], gaps=False)
+    out = va.varlen_attention_ref(q, kp, vp, off, lens, kn, vn)
+    s0 = int(off[0, 0])
+    k, v = torch.cat([kp[s0:s0 + 3], kn[0, 0]]), torch.cat([vp[s0:s0 + 3], vn[0, 0]])
+    expected = torch.softmax(q[0, 0] @ k.T / 24 ** 0.5, -1) @ v
+    assert max_err(out[0, 0], expected) <= ATOL_FP32
+    assert max_err(out[0, 1], torch.softmax(q[0, 1] @ kn[0, 1].T / 24 ** 0.5, -1) @ vn[0, 1]) <= ATOL_FP32
+
+
+@pytest.mark.parametrize("lengths", [[[0, 1, 7], [7, 7, 30]], [[5, 5, 5, 5]], [[0, 0], [0, 0]]])
+def test_grouped_gather_sdpa_equals_reference(lengths):
+    args = make_case(lengths)
+    assert max_err(va.varlen_attention_grouped(*args), va.varlen_attention_ref(*args)) <= ATOL_FP32
+    assert max_err(va.varlen_attention(*args, impl="torch"), va.varlen_attention_ref(*args)) <= ATOL_FP32
+
+
+# %% the fused kernel equals the reference
+
+
+CASES = {  # name: (lengths (B, H), Nq, Nn, Dh, BLOCK_N)
+    "zero_one_and_tails_B2": ([[0, 1, 17], [16, 33, 64]], 6, 5, 24, 16),
+    "very_uneven_heads": ([[0, 150, 1, 2]], 5, 3, 16, 16),
+    "long_and_short_dh32": ([[70, 3], [1, 0]], 9, 7, 32, 64),
+    "dh64_more_queries_than_a_block": ([[40, 5]], 20, 4, 64, 16),
+    "dh40_not_a_power_of_two": ([[9, 31, 0]], 4, 18, 40, 16),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", CASES)
+def test_kernel_equals_reference_fp32(name):
+    lengths, Nq, Nn, Dh, block_n = CASES[name]
+    args = make_case(lengths, Nq=Nq, Nn=Nn, Dh=Dh, seed=len(name))
+    ref = va.varlen_attention_ref(*args)
+    out = va.varlen_attention_triton(*(x.to(KERNEL_DEVICE) for x in args), block_m=16, block_n=block_n)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert max_err(out, ref) <= ATOL_FP32
+
+
+@needs_triton
+def test_kernel_random_lengths_and_dispatch():
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 90, (2, 4), generator=g)
+    lengths[0, 1], lengths[1, 2] = 0, 1
+    args = make_case(lengths.tolist(), Nq=7, Nn=6, Dh=24, seed=4)
+    out = va.varlen_attention(*(x.to(KERNEL_DEVICE) for x in args), impl="triton")
+    assert max_err(out, va.varlen_attention_ref(*args)) <= ATOL_FP32
+
+
+@needs_triton
+def test_kernel_accepts_non_contiguous_inputs():
+    q, kp, vp, off, lens, kn, vn = make_case([[4, 21]], Nq=6, Nn=5, Dh=16)
+    q_t = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    kn_t = kn.transpose(2, 3).contiguous().transpose(2, 3)
+    dev = lambda *xs: [x.to(KERNEL_DEVICE) for x in xs]  # noqa: E731
+    out = va.varlen_attention_triton(*dev(q_t, kp, vp, off, lens, kn_t, vn))
+    assert max_err(out, va.varlen_attention_ref(q, kp, vp, off, lens, kn, vn)) <= ATOL_FP32
+
+
+@needs_triton
+def test_kernel_fp16_close_to_fp32_reference():
+    args = make_case([[12, 0, 37]], Nq=6, Nn=5, Dh=32, dtype=torch.float16)
+    ref = va.varlen_attention_ref(*(x.float() if x.is_floating_point() else x for x in args))
+    out = va.varlen_attention_triton(*(x.to(KERNEL_DEVICE) for x in args), block_n=16)
+    assert out.dtype == torch.float16
+    assert max_err(out, ref) <= 3e-3  # fp16 probabilities and output: ~2^-11 relative rounding
+
+
+# %% choosing the implementation
+
+
+def test_resolve_impl(monkeypatch):
+    assert va.resolve_impl("torch", "cpu") == "torch"
+    assert va.resolve_impl("auto", "cpu") == "torch"  # the interpreter is for tests, never picked by auto
+    with pytest.raises(UserError, match="auto, torch or triton"):
+        va.resolve_impl("cuda", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(UserError, match="needs a CUDA device") as e:
+        va.resolve_impl("triton", "cpu")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="needs a CUDA device"):  # the launcher checks too
+        va.varlen_attention(*make_case([[2]]), impl="triton")
+    monkeypatch.setattr(va, "triton", None)  # as if triton were not installed
+    with pytest.raises(UserError, match="pip install triton"):
+        va.resolve_impl("triton", "cpu")
+    assert va.resolve_impl("auto", "cuda") == "torch"
+    with pytest.raises(ValueError):
+        va.varlen_attention(*make_case([[2]]), impl="fast")
+
+
+# %% the benchmark runs (timings are measured by running it, not here)
+
+
+def test_bench_case_stores_fewer_tokens_for_static_heads():
+    a = va.bench_case(B=1, H=5, Dh=8, tokens=4, cache_frames=8)
+    lens = a["lengths"][0]
+    assert a["k_packed"].shape == (int(lens.sum()), 8) and a["k_full"].shape == (1, 5, 8 * 4 + 12, 8)
+    assert sorted(lens.tolist()) == [8, 8, 25, 25, 25]  # 2 static heads (2 frames), 3 dynamic (5 frames + 5)
+
+
+def test_run_bench_on_cpu_tiny(tmp_path):
+    res = va.run_bench(tmp_path, "cpu", sizes=[("tiny", 1, 2, 8, 4)], cache_frames=(2, 3))
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved == json.loads(json.dumps(res)) and (tmp_path / "fig_bench.png").stat().st_size > 0
+    assert res["device"] == "cpu" and "skipped" in res["fused_note"]
+    assert [r["cache_frames"] for r in res["rows"]] == [2, 3]
+    assert all(r["ms_full_sdpa"] > 0 and r["ms_gather_sdpa"] > 0 and "ms_fused" not in r for r in res["rows"])
