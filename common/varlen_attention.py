@@ -65,7 +65,7 @@ def varlen_attention_grouped(q, k_packed, v_packed, offsets, lengths, k_new, v_n
     """Gather + SDPA per group of pairs with equal cache length (the official code's way: one group
     per head type). Vectorised, but it materialises a gathered, concatenated K/V copy per group."""
     B, H, Nq, Dh = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, so o_ below is a view
     q_, kn, vn, o_ = (x.reshape(B * H, 1, -1, Dh) for x in (q, k_new, v_new, out))  # (B*H, 1, N, Dh) views
     lens, offs = lengths.reshape(-1).tolist(), offsets.reshape(-1).tolist()  # host-side bookkeeping
     for n in sorted(set(lens)):
@@ -149,7 +149,7 @@ def varlen_attention_triton(q, k_packed, v_packed, offsets, lengths, k_new, v_ne
         q, k_packed, v_packed, offsets, lengths, k_new, v_new, out, 1 / math.sqrt(Dh), H, Nq, Nn,
         *q.stride()[:3], k_packed.stride(0), *k_new.stride()[:3], *out.stride()[:3],
         HEAD_DIM=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)), BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # ieee: exact fp32, no TF32 rounding
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)  # fp32: exact products, no TF32 rounding
     return out
 
 
@@ -252,23 +252,22 @@ def bench(device, sizes=TINY_SIZES, cache_frames=(8, 16, 24), seed=0) -> dict:
 
 
 def plot_bench(result: dict, path) -> None:
-    """One panel per frame size: milliseconds per call against cache length, one line per method."""
-    import matplotlib.pyplot as plt
+    """Milliseconds per call against tokens per frame, at the longest cache, one line per method."""
+    from common.plot import plt  # the non-interactive backend
 
-    import common.plot  # noqa: F401  (selects the non-interactive backend)
-
-    labels = list(dict.fromkeys(r["size"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3), squeeze=False)
-    for ax, label in zip(axes[0], labels):
-        rs = [r for r in result["rows"] if r["size"] == label]
-        for key, name in [("ms_full_sdpa", "full cache, SDPA"), ("ms_gather_sdpa", "compressed, gather + SDPA"),
-                          ("ms_fused", "compressed, fused kernel")]:
-            if key in rs[0]:
-                ax.plot([r["cache_frames"] for r in rs], [r[key] for r in rs], marker="o", ms=3, label=name)
-        ax.set(title=f"{label} ({rs[0]['tokens_per_frame']} tok/frame)", xlabel="cache frames", ylabel="ms per call")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{result['device']}, {result['dtype']}", fontsize=9)
+    C = max(r["cache_frames"] for r in result["rows"])
+    rows = [r for r in result["rows"] if r["cache_frames"] == C]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, name in [("ms_full_sdpa", "full cache, SDPA"), ("ms_gather_sdpa", "compressed, gather + SDPA"),
+                      ("ms_fused", "compressed, fused kernel")]:
+        if key in rows[0]:
+            ax.plot([r["tokens_per_frame"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=name)
+    ax.set(xscale="log", yscale="log", xlabel="tokens per frame", ylabel="ms per attention call",
+           title=f"{result['device']}, {result['dtype']}, cache of {C} frames")
+    ax.set_xticks([r["tokens_per_frame"] for r in rows], [str(r["tokens_per_frame"]) for r in rows])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -102,14 +102,23 @@ def test_kernel_random_lengths_and_dispatch():
     assert max_err(out, va.varlen_attention_ref(*args)) <= ATOL_FP32
 
 
+def non_contiguous_case():
+    """q and k_new as a model makes them: (B, N, H, Dh) tensors seen as (B, H, N, Dh) through a transpose."""
+    q, kp, vp, off, lens, kn, vn = make_case([[4, 21], [0, 9]], Nq=6, Nn=5, Dh=16)
+    q_t, kn_t = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, kn))  # same values, other strides
+    assert not q_t.is_contiguous()
+    return (q_t, kp, vp, off, lens, kn_t, vn), va.varlen_attention_ref(q, kp, vp, off, lens, kn, vn)
+
+
+def test_grouped_accepts_non_contiguous_inputs():
+    args, ref = non_contiguous_case()
+    assert max_err(va.varlen_attention_grouped(*args), ref) <= ATOL_FP32
+
+
 @needs_triton
 def test_kernel_accepts_non_contiguous_inputs():
-    q, kp, vp, off, lens, kn, vn = make_case([[4, 21]], Nq=6, Nn=5, Dh=16)
-    q_t = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
-    kn_t = kn.transpose(2, 3).contiguous().transpose(2, 3)
-    dev = lambda *xs: [x.to(KERNEL_DEVICE) for x in xs]  # noqa: E731
-    out = va.varlen_attention_triton(*dev(q_t, kp, vp, off, lens, kn_t, vn))
-    assert max_err(out, va.varlen_attention_ref(q, kp, vp, off, lens, kn, vn)) <= ATOL_FP32
+    args, ref = non_contiguous_case()
+    assert max_err(va.varlen_attention_triton(*(x.to(KERNEL_DEVICE) for x in args)), ref) <= ATOL_FP32
 
 
 @needs_triton
