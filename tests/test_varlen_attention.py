@@ -201,3 +201,11 @@ def test_run_bench_on_cpu_tiny(tmp_path):
     assert res["device"] == "cpu" and "skipped" in res["fused_note"]
     assert [r["cache_frames"] for r in res["rows"]] == [2, 3]
     assert all(r["ms_full_sdpa"] > 0 and r["ms_gather_sdpa"] > 0 and "ms_fused" not in r for r in res["rows"])
+
+
+@needs_triton
+def test_bench_fused_branch_runs_and_agrees():
+    res = va.bench(KERNEL_DEVICE, sizes=[("tiny", 1, 3, 8, 4)], cache_frames=(3,), fused=True)
+    (row,) = res["rows"]
+    assert row["ms_fused"] > 0 and row["fused_GBps"] > 0 and row["speedup_fused_vs_gather"] > 0
+    assert row["max_abs_err_fused_vs_gather"] <= (ATOL_FP32 if KERNEL_DEVICE == "cpu" else 2e-2)  # GPU: bf16
