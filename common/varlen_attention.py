@@ -130,7 +130,7 @@ def _varlen_attention_kernel(Q, KC, VC, Offsets, Lengths, KN, VN, Out, sm_scale,
 # %% 3. The launcher
 
 def _interpreting() -> bool:
-    """Triton reads TRITON_INTERPRET when it is imported: set it before (tests/conftest.py does on CPU)."""
+    """Triton reads TRITON_INTERPRET once, when it is imported: set it before (tests/conftest.py does)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

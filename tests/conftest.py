@@ -7,9 +7,10 @@ import pytest
 import torch
 
 # tests/test_varlen_attention.py runs the fused Triton kernel on the CPU through Triton's interpreter.
-# Triton reads TRITON_INTERPRET once, when it is first imported, and torchvision imports it while the
-# test modules are collected, so the switch must be set here, before any of them. Only without CUDA:
-# there no compiled Triton kernel can launch anyway, so nothing else changes.
+# Triton reads TRITON_INTERPRET once, when it is first imported, and any test module collected earlier
+# may import it (forcing_kv.py imports common/varlen_attention.py, which imports triton; so does
+# torch._dynamo), so the switch is set here, before all of them. Only without CUDA: there no compiled
+# Triton kernel can launch anyway, so nothing else changes.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

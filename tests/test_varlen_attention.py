@@ -1,9 +1,10 @@
 """The fused varlen-attention kernel and the grouped PyTorch path against the loop reference.
 
 Without CUDA the kernel runs under Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1
-before anything imports triton (triton reads it at import; torchvision imports triton during
-collection). Plain `python -m pytest` therefore checks the kernel on a CPU-only machine; with CUDA
-the same tests check the compiled kernel. Shapes stay tiny: the interpreter is slow.
+before anything imports triton. Setting it here would be too late: triton reads it once, at import,
+and test modules collected before this one (test_forcing_kv.py) import triton through
+common/varlen_attention.py. Plain `python -m pytest` therefore checks the kernel on a CPU-only
+machine; with CUDA the same tests check the compiled kernel. Shapes stay tiny: the interpreter is slow.
 """
 
 import importlib.util
