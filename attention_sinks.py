@@ -269,7 +269,8 @@ def figures(out, cfg, M, layer, n_ctx, trip, by_path, by_layer, whole):
         axes[1].errorbar(ks, [r["align_delta_sink"] for r in rows], yerr=err, fmt="o-", color=col, capsize=2,
                          label=f"{p}: sinks")
         axes[1].plot(ks, [r["align_delta_random"] for r in rows], "o--", color=col, alpha=0.6)
-    axes[0].set(xlabel="k (keys removed)", ylabel="feature distance to baseline", title="perceptual shift (LPIPS stand-in)")
+    axes[0].set(xlabel="k (keys removed)", ylabel="feature distance to baseline",
+                title="perceptual shift (LPIPS stand-in)")
     axes[1].set(xlabel="k", ylabel="accuracy change vs baseline", title="alignment (CLIP-T stand-in); 95% CI")
     axes[1].axhline(0, color="k", lw=0.8)
     names = [str(i) for i in range(len(by_layer))] + ["all"]
@@ -339,8 +340,8 @@ def run(cfg: Config) -> dict:
                 for i in range(depth)]
     whole = results_by[(tuple(range(depth)), 1, "score")]
 
-    shown = slice(0, cfg.n_show)
-    trip = [r["x"][shown] for r in (base, cache[((layer,), 1, "score", "sink")], cache[((layer,), 1, "score", "random")])]
+    trip = [r["x"][:cfg.n_show] for r in (base, cache[((layer,), 1, "score", "sink")],
+                                          cache[((layer,), 1, "score", "random")])]
     results = dict(
         bos_overlap=detection["bos_overlap"], sink_strength=detection["sink_strength"], n_samples=cfg.n_samples,
         by_k=by_path["score"], by_layer=by_layer, whole_model=whole, by_path=by_path,
