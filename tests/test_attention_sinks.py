@@ -118,7 +118,11 @@ def test_detection_stats_on_a_known_pattern():
     M = torch.full((S, L, B, H, N), 0.5 / (N - 1))
     M[..., 0] = 0.5  # BOS always the sink ...
     M[2:, 1, :, :, 0], M[2:, 1, :, :, 7] = 0.5 / (N - 1), 0.5  # ... except layer 1 from step 2: image token 7
-    st = sinks.detection_stats(M, N_CTX)
+    on_shape = torch.zeros(B, N - N_CTX, dtype=torch.bool)
+    on_shape[0, 7 - N_CTX] = True  # sample 0's image token 7 shows the shape, the others' do not
+    st = sinks.detection_stats(M, N_CTX, on_shape)
+    assert math.isclose(st["image_sink_on_shape"], 1 / 3, rel_tol=1e-6)  # 1 of 3 samples
+    assert st["detection_by_layer"][0]["image_sink_on_shape"] is None  # layer 0 has no image sinks
     assert math.isclose(st["bos_overlap"], 0.75) and math.isclose(st["top1_image_share"], 0.25)
     assert math.isclose(st["sink_strength"], 0.5 * N, rel_tol=1e-6)
     assert st["detection_by_layer"][1]["bos_share"] == 0.5 and st["top1_label_share"] == 0.0
