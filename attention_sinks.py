@@ -62,7 +62,7 @@ from common.sampler import sample_labels
 @dataclasses.dataclass
 class Config(BaseConfig):
     n_samples: int = field(256, "seed-paired (noise, label) pairs shared with the baseline (the issue asks >= 128; "
-                                "256 halves the CI widths and keeps the cpu run near 4 min)")
+                                "256 makes the CIs ~30% narrower and keeps the cpu run to a few minutes)")
     sample_steps: int = field(32, "Euler steps (as common.pretrain samples); the hook acts at every one")
     cfg_scale: float = field(1.0, "guidance scale; 1 = no CFG, so each step is one conditional forward and the "
                                   "intervention is not amplified by the guidance difference")
