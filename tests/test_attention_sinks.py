@@ -151,6 +151,8 @@ def test_smoke_run_writes_every_key(tmp_path):
     assert 0 <= saved["bos_overlap"] <= 1 and saved["sink_strength"] >= 1  # top-1 mass >= uniform
     for fig in ("fig_heatmap.png", "fig_triplets.png", "fig_shift_alignment.png"):
         assert (tmp_path / fig).stat().st_size > 1000
+    again = sinks.main(["--preset", "smoke", "--out", str(tmp_path / "again")])  # same seed, same numbers
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}
     with pytest.raises(SystemExit) as e:  # a layer the base model does not have: one line, exit 2
         sinks.main(["--preset", "smoke", "--out", str(tmp_path / "bad"), "--layer", "7"])
     assert e.value.code == 2
