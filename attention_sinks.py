@@ -275,32 +275,41 @@ def figures(out, cfg, M, layer, n_ctx, trip, by_path, by_layer, whole):
                       out / "fig_triplets.png", nrow=(cfg.n_show + 1) // 2, scale=0.35,
                       title=f"same noise and label; score path at layer {layer}, every step")
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for p, col in zip(PATHS, ("C0", "C1", "C2", "C3")):
-        ks = [int(k) for k in by_path[p]]
+    def ci_err(rows, key):  # (2, n) error bars from [lo, hi] CIs
+        return np.array([[r[key] - r[key + "_ci"][0], r[key + "_ci"][1] - r[key]] for r in rows]).T
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for j, (p, col) in enumerate(zip(PATHS, ("C0", "C1", "C2", "C3"))):
+        ks = np.array([int(k) for k in by_path[p]], dtype=float)
         rows = list(by_path[p].values())
-        axes[0].plot(ks, [r["shift_sink"] for r in rows], "o-", color=col, label=f"{p}: sinks")
-        axes[0].plot(ks, [r["shift_random"] for r in rows], "o--", color=col, alpha=0.6, label=f"{p}: random")
-        err = np.array([[r["align_delta_sink"] - r["align_delta_sink_ci"][0],
-                         r["align_delta_sink_ci"][1] - r["align_delta_sink"]] for r in rows]).T
-        axes[1].errorbar(ks, [r["align_delta_sink"] for r in rows], yerr=err, fmt="o-", color=col, capsize=2,
-                         label=f"{p}: sinks")
-        axes[1].plot(ks, [r["align_delta_random"] for r in rows], "o--", color=col, alpha=0.6)
-    axes[0].set(xlabel="k (keys removed)", ylabel="feature distance to baseline",
-                title="perceptual shift (LPIPS stand-in)")
-    axes[1].set(xlabel="k", ylabel="accuracy change vs baseline", title="alignment (CLIP-T stand-in); 95% CI")
-    axes[1].axhline(0, color="k", lw=0.8)
-    names = [str(i) for i in range(len(by_layer))] + ["all"]
-    rows = [*by_layer, whole]
-    xs = np.arange(len(rows))
-    axes[2].bar(xs - 0.2, [r["shift_sink"] for r in rows], 0.4, label="top-1 sink")
-    axes[2].bar(xs + 0.2, [r["shift_random"] for r in rows], 0.4, label="1 random key")
-    ax2 = axes[2].twinx()
-    ax2.plot(xs, [r["align_delta_sink"] for r in rows], "kx-", label="accuracy change (sink)")
-    ax2.set_ylabel("accuracy change")
-    axes[2].set(xticks=xs, xticklabels=names, xlabel="layer (k = 1, score path)", ylabel="feature distance",
-                title="per layer")
-    for ax in (*axes, ax2):
+        axes[0, 0].plot(ks, [r["shift_sink"] for r in rows], "o-", color=col, label=f"{p}: sinks")
+        axes[0, 0].plot(ks, [r["shift_random"] for r in rows], "o--", color=col, alpha=0.5, label=f"{p}: random")
+        ks_j = ks * 1.04 ** (j - 1.5)  # side by side, so the error bars do not hide each other
+        axes[0, 1].errorbar(ks_j, [r["align_delta_sink"] for r in rows], yerr=ci_err(rows, "align_delta_sink"),
+                            fmt="o-", color=col, capsize=2, label=f"{p}: sinks (dashed: random)")
+        axes[0, 1].plot(ks_j, [r["align_delta_random"] for r in rows], "o--", color=col, alpha=0.5)
+    axes[0, 0].set(xscale="log", xlabel="k (keys removed per sample and head)", ylabel="feature distance to baseline",
+                   title=f"perceptual shift at layer {layer} (LPIPS stand-in)")
+    axes[0, 1].set(xscale="log", xlabel="k", ylabel="accuracy change vs baseline",
+                   title="alignment (CLIP-T stand-in), 95% CI")
+    for ax in axes[0]:  # plain k ticks on the log axis
+        ax.set_xticks(ks, [str(int(k)) for k in ks])
+        ax.minorticks_off()
+    names = [str(r["layer"]) for r in by_layer] + ["all"]
+    rows, xs = [*by_layer, whole], np.arange(len(by_layer) + 1)
+    axes[1, 0].bar(xs - 0.2, [r["shift_sink"] for r in rows], 0.4, label="top-1 sink removed")
+    axes[1, 0].bar(xs + 0.2, [r["shift_random"] for r in rows], 0.4, label="1 random key removed")
+    axes[1, 0].set(ylabel="feature distance to baseline", title="per layer, k = 1, score path")
+    axes[1, 1].bar(xs - 0.2, [r["align_delta_sink"] for r in rows], 0.4, yerr=ci_err(rows, "align_delta_sink"),
+                   capsize=2, label="accuracy change, sink")
+    axes[1, 1].bar(xs + 0.2, [r.get("label_share", np.nan) for r in rows], 0.4, color="C2",
+                   label="share of top-1 sinks that are label tokens")
+    axes[1, 1].set(title="which layers' sinks carry the label")
+    for ax in axes[1]:
+        ax.set(xticks=xs, xticklabels=names, xlabel="layer")
+        ax.axhline(0, color="k", lw=0.8)
+    axes[0, 1].axhline(0, color="k", lw=0.8)
+    for ax in axes.flat:
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "fig_shift_alignment.png", dpi=120)
