@@ -18,8 +18,9 @@ Paper -> code
 
 Conventions (common/flow.py): t = 0 data, t = 1 noise; sampling runs from t = 1 to t = 0, so
     "step 0" below is the noisiest step. The paper's SD3 uses the same direction; nothing to translate.
-    Keys are ordered [BOS, label tokens, image tokens] (common/dit.py), so index 0 is BOS as in SD3's
-    T5/CLIP context; the official code concatenates [image ; text] and tests the text BOS instead.
+    Keys are ordered [BOS, label tokens, image tokens] (common/dit.py), so index 0 is the BOS. (The
+    official processor we read concatenates [image ; text] keys, so its "index 0" statistic counts the
+    first image token; we test the BOS itself.)
 
 What is intervened (a choice, stated): the score path edits only the image queries' rows, as the
     official processor does (sinks are defined by image queries); a replaced value belongs to the
@@ -83,7 +84,7 @@ PRESETS = {
     "cpu": dict(),
     "gpu": dict(n_samples=1024, ks="1,2,5,10,20"),
 }
-PATHS = ("score", "value_zero", "value_mean", "both")
+PATHS = ("score", "value_zero", "value_mean", "both")  # "both": the score path and zeroed values
 PAPER = dict(lpips_sink_k1=0.347, lpips_random_k1=0.053, ddelta_k1=0.295, ddelta_ci_k1=[0.265, 0.323])
 
 # %% method: incoming mass, sink choice, the intervened attention
@@ -115,7 +116,7 @@ def sink_attention(q, k, v, n_ctx: int, n_keys: int, path: str = "score", contro
     Returns (out (B, H, N, Dh), probs after the edit (B, H, N, N), selection (B, H, N), mass before).
     Built on attention_ref: with n_keys = 0 every edit adds -0.0 or selects nothing, so the output is
     bit-equal to attention_ref's (tested)."""
-    out, probs = attention_ref(q, k, v, return_probs=True)
+    _, probs = attention_ref(q, k, v, return_probs=True)
     mass = incoming_mass(probs, n_ctx)  # the sinks of *this* call: recomputed every step
     sel = choose_keys(mass, n_keys, control, generator)  # (B, H, Nk)
     mask, v_used = None, v
