@@ -63,14 +63,14 @@ from common.sampler import sample_labels
 @dataclasses.dataclass
 class Config(BaseConfig):
     n_samples: int = field(256, "seed-paired (noise, label) pairs shared with the baseline (the issue asks >= 128; "
-                                "256 makes the CIs ~30% narrower and keeps the cpu run to a few minutes)")
+                                "256 makes the CIs 1.4x narrower and keeps the cpu run to a few minutes)")
     sample_steps: int = field(32, "Euler steps (as common.pretrain samples); the hook acts at every one")
     cfg_scale: float = field(1.0, "guidance scale; 1 = no CFG, so each step is one conditional forward and the "
                                   "intervention is not amplified by the guidance difference")
     ks: str = field("1,2,4,8", "sink budgets k (keys removed per sample and head); 21 keys per layer on cpu")
     layer: int = field(-1, "intervention layer (0-based); -1 = the middle one, depth // 2", min=-1)
     mask_value: float = field(1e4, "the score path subtracts this from the sinks' logits (the paper's 1e4)")
-    n_boot: int = field(2000, "paired bootstrap resamples for the 95% CIs")
+    n_boot: int = field(2000, "paired bootstrap resamples for the 95 percent CIs")
     n_perm: int = field(2000, "sign flips for the paired permutation p-value")
     n_show: int = field(8, "seeds shown in the triplet figure")
 

@@ -129,6 +129,12 @@ def test_detection_stats_on_a_known_pattern():
     assert math.isclose(st["top1_switch_rate"], (1 / 3) / 2, rel_tol=1e-6)  # 1 change in 3, half the time
 
 
+def test_help_prints(capsys):  # argparse formats help texts with %, so a stray percent sign would crash it
+    with pytest.raises(SystemExit) as e:
+        sinks.main(["--help"])
+    assert e.value.code == 0 and "--mask-value" in capsys.readouterr().out
+
+
 def test_bad_flags_exit_2():
     with pytest.raises(SystemExit) as e:
         sinks.main(["--preset", "smoke", "--ks", "1,x"])
