@@ -36,7 +36,7 @@ Deviations from the paper. TinyDiT on 16 px coloured shapes (9 labels) instead o
     guidance difference would amplify the edit; the paper guides SD3 (so our setting is the cleaner one).
 
 Run
-    python attention_sinks.py                  # cpu preset, 205 s measured on 2 CPU cores (base model cached)
+    python attention_sinks.py                  # cpu preset, 200 s measured on 2 CPU cores (base model cached)
     python attention_sinks.py --preset gpu     # TinyDiT-m, patch 2, 69 keys (not measured yet)
     python attention_sinks.py --preset smoke   # seconds, what the tests run
 """
