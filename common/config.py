@@ -101,12 +101,13 @@ def parse(Config, presets: dict, argv=None, prog=None, description=None):
     for f in dataclasses.fields(Config):
         kind = f.type if isinstance(f.type, type) else type(f.default)
         flag = "--" + f.name.replace("_", "-")
+        text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")  # argparse formats help
         if kind is bool:
             p.add_argument(flag, type=_bool, default=argparse.SUPPRESS, metavar="{true,false}",
-                           help=f.metadata.get("help", "") + f" (default: {f.default})")
+                           help=text)
         else:
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
-                           help=f.metadata.get("help", "") + f" (default: {f.default})")
+                           help=text)
     given = vars(p.parse_args(argv))  # argparse itself exits 2 with one line on unknown options
     preset = given.get("preset", "cpu" if not torch.cuda.is_available() else "gpu")
     if preset not in presets:

@@ -86,3 +86,19 @@ def test_validate_hook_and_int_lists(capsys):
     for bad in ("8,x", "0", ""):
         with pytest.raises(UserError):
             int_list(bad, "--sizes")
+
+
+def test_help_texts_may_contain_percent_signs(capsys):
+    import dataclasses
+
+    import pytest
+
+    from common.config import BaseConfig, field, parse
+
+    @dataclasses.dataclass
+    class Cfg(BaseConfig):
+        frac: float = field(0.25, "share of the data (25% by default)")
+
+    with pytest.raises(SystemExit) as e:
+        parse(Cfg, {"cpu": {}}, ["--help"])
+    assert e.value.code == 0 and "25% by default" in capsys.readouterr().out
