@@ -29,7 +29,7 @@ Why it works, and the under-tilt (reconstructed; PAPERS.md section 1). The tilte
     point  v - v_ref = m * Cov_q(A, u | x_t) = m * E_q[A (u - v) | x_t]  (A: the advantage), i.e. it
     uses the covariance at the END of the tilt path for the whole path. The exact tilt needs its
     average,  int_0^m Cov_beta dbeta.  The two agree when the posterior of x given x_t keeps its
-    covariance under the tilt: a linear reward on a Gaussian (Part A checks this in closed form). A
+    covariance under the tilt: a linear reward on a Gaussian (Part A: well-separated Gaussian modes). A
     concave quadratic reward narrows the posterior as beta grows, so the end-point covariance is
     the smallest one on the path: the correction is too small and the model is under-tilted (its
     variance stays above the exact one). The path-cost term of the paper's Section 5 restores the
@@ -47,9 +47,10 @@ Deviations. Toy rewards on 16 px procedural shapes: "composition" = evaluator p(
     stand-in); the CNN evaluator (common/evaluator.py) stands in for the papers' scorers, its FD for
     FID. One 0.7 M-parameter TinyDiT instead of SD3.5-M; 60 rounds, not thousands. Part A uses raw
     advantages A = r - mean(r) so that m = 1/lambda holds exactly (normalised advantages change the
-    effective lambda as the reward spread changes). Flow-GRPO log-probabilities are averaged over
-    pixels, as in its official code, so the clip range is per pixel. Ours, not the papers': the
-    reward definitions, all sizes, the learning rates (swept, see README).
+    effective lambda as the reward spread changes), clipped at 5 standard deviations against a
+    runaway sample. Flow-GRPO log-probabilities are averaged over pixels, as in its official code,
+    so the clip range is per pixel. Ours, not the papers': the reward definitions, all sizes, the
+    learning rates (swept, see README).
 
 Run
     python ram.py                    # cpu preset: both parts, both rewards, both methods (~13 min on 2 cores)
