@@ -526,7 +526,9 @@ def run(cfg: Config) -> dict:
             fd_to_base=dict(ram=evaluator.fd(x_ram, x_base), grpo=evaluator.fd(x_grpo, x_base)),
             diversity=dict(ram=diversity(evaluator.features(x_ram), y_eval),
                            grpo=diversity(evaluator.features(x_grpo), y_eval),
-                           base=diversity(feats_base, y_eval)))
+                           base=diversity(feats_base, y_eval)),
+            class_accuracy=dict(ram=evaluator.accuracy(x_ram, y_eval), grpo=evaluator.accuracy(x_grpo, y_eval),
+                                base=evaluator.accuracy(x_base, y_eval)))
         samples[rname] = (x_base, x_ram, x_grpo)
 
     results = dict(tilt=tilt, rewards=results_rewards)
@@ -537,7 +539,8 @@ def run(cfg: Config) -> dict:
                       kl_beta=KL_BETA, ema_old=EMA_OLD, sde_noise=SDE_NOISE, grpo_minibatches=GRPO_MINIBATCHES),
         metric_note="rewards are toy stand-ins (composition ~ GenEval position, preference ~ PickScore); "
                     "fd_to_base: evaluator Frechet distance to the base model's samples (FID stand-in); diversity: "
-                    "mean within-class pairwise evaluator-feature distance; seconds count training, not evaluation",
+                    "mean within-class pairwise evaluator-feature distance; class_accuracy: evaluator accuracy of the "
+                    "held-out samples (is the prompted class still drawn?); seconds count training, not evaluation",
         device=str(device), seconds=round(time.perf_counter() - t_start, 1))
     save_json(out / "results.json", results)
     figures(out, tilt_points, results_rewards, samples)
@@ -546,10 +549,10 @@ def run(cfg: Config) -> dict:
     print()
     rows = []
     for rname, res in results_rewards.items():
-        rows += [(rname, "base", res["base_reward"], "", "", ""),
+        rows += [(rname, "base", res["base_reward"], "", "", res["diversity"]["base"], res["class_accuracy"]["base"]),
                  *[(rname, mth, res[f"{mth}_final"], max(res[mth]["reward"]), res["fd_to_base"][mth],
-                    res["diversity"][mth]) for mth in ("ram", "grpo")]]
-    print_table(rows, ("reward", "model", "final", "best", "FD to base", "diversity"))
+                    res["diversity"][mth], res["class_accuracy"][mth]) for mth in ("ram", "grpo")]]
+    print_table(rows, ("reward", "model", "final", "best", "FD to base", "diversity", "class accuracy"))
     print()
     print_table([(f"{rname}: {k}", res[k]) for rname, res in results_rewards.items()
                  for k in ("grpo_peak", "grpo_steps_to_peak", "ram_steps_to_grpo_peak", "steps_ratio", "seconds_ratio")]
