@@ -53,8 +53,8 @@ Deviations. Toy rewards on 16 px procedural shapes: "composition" = evaluator p(
     learning rates (swept, see README).
 
 Run
-    python ram.py                    # cpu preset: both parts, both rewards, both methods (~13 min on 2 cores)
-    python ram.py --sweep true       # also rerun the learning-rate / m / clip sweep (adds ~15 min)
+    python ram.py                    # cpu preset: both parts, both rewards, both methods (565 s measured, 2 cores)
+    python ram.py --sweep true       # also rerun the learning-rate / m / clip sweep (adds ~17 min)
     python ram.py --preset smoke     # seconds, what the tests run
     python ram.py --preset gpu       # not measured yet
 """
