@@ -87,7 +87,7 @@ class Config(BaseConfig):
     tilt_rounds: int = field(400, "Part A: RAM rounds on the 2-D mixture (seconds on a CPU)")
     tilt_batch: int = field(512, "Part A: endpoints per round (one prompt)")
     rounds: int = field(120, "Part B: composition rounds per method (one batch of G samples per prompt); "
-                             "long enough for Flow-GRPO to level off")
+                             "Flow-GRPO is still rising at 120, the most the 15-minute budget allows")
     preference_rounds: int = field(40, "Part B: preference rounds per method (both saturate within ~30)")
     group: int = field(8, "G: samples per prompt (class) per round; 9 prompts, so 9 G reward evaluations a round")
     renoise: int = field(4, "K: re-noisings of each RAM endpoint (the paper uses about 8)")
