@@ -76,7 +76,7 @@ class Config(BaseConfig):
     sizes: str = field("16,32,48", "frame sizes for the cost scaling (tokens per frame grow 9x from 16 to 48 px)")
     model: str = field("s", "DiT size (width, depth, heads; common/dit.py SIZES)", choices=tuple(SIZES))
     train_frames: int = field(9, "frames per training clip (3 chunks): rollouts run longer, to show drift")
-    steps: int = field(2200, "optimizer steps (about 13 min on 2 CPU cores at batch 32)")
+    steps: int = field(1600, "optimizer steps (about 10 min on 2 idle CPU cores at batch 32)")
     batch: int = field(32, "training clips per step")
     lr: float = field(2e-3, "AdamW learning rate (the base model's: tiny model, short run)")
     chunks: int = field(8, "chunks per rollout (F = 3 frames each); longer than the training clips")
