@@ -86,8 +86,8 @@ class Config(BaseConfig):
     threshold: float = field(0.8, "head score at or above which a head is static (the paper's 0.8)")
     recent: int = field(3, "most recent whole frames every compressed head keeps (one chunk)")
     buffer: int = field(1, "frames' worth of evicted segments each dynamic head keeps (about one in the paper)")
-    attention: str = field("auto", "compressed-cache attention: torch, triton (fused kernel) or auto "
-                                    "(triton on CUDA when present, torch otherwise)", choices=("auto", "torch", "triton"))
+    attention: str = field("auto", "compressed-cache attention: torch, triton (fused kernel) or auto (triton on "
+                           "CUDA when present, torch otherwise)", choices=("auto", "torch", "triton"))
 
     def validate(self):
         for s in [self.size, *int_list(self.sizes, "--sizes", 8)]:
@@ -422,7 +422,8 @@ class CompressedCache:
     def frame_keys(self, layer: int, f: int):
         """(B, H, N, Dh) keys of a frame that every head of `layer` still holds whole."""
         c = self.layers[layer]
-        pos = torch.tensor([(self.frames if k == KINDS["full"] else self.whole).index(f) for k in self.kinds[layer].tolist()])
+        pos = torch.tensor([(self.frames if kind == KINDS["full"] else self.whole).index(f)
+                            for kind in self.kinds[layer].tolist()])  # (H,) frame f's place in each run
         rows = c["offsets"].cpu() + pos * self.N  # (B, H) first row of frame f in each run
         return c["k"][rows[..., None] + torch.arange(self.N)]
 
@@ -477,7 +478,7 @@ def rollout(model, cache, y, noise, steps: int, bar=None):
             x = x + (t_next - t) * model(x, t.expand(B, FRAMES_PER_CHUNK).to(x), y, c0, hook=cache.attend)
         cache.phase, new = -1, {}
 
-        def write(q, k, v, layer):  # the clean pass also attends: the next layer's keys depend on it
+        def write(q, k, v, layer, new=new):  # the clean pass attends too: the next layer's keys depend on it
             new[layer] = (k, v)
             return cache.attend(q, k, v, layer)
 
