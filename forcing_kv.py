@@ -73,7 +73,7 @@ except ImportError:
 @dataclasses.dataclass
 class Config(BaseConfig):
     size: int = field(16, "frame side (px) of training and of the quality measurements")
-    sizes: str = field("16,32,48", "frame sizes for the cost scaling (tokens per frame grow 9x from 16 to 48 px)")
+    sizes: str = field("16,32,64", "frame sizes for the cost scaling (tokens per frame grow 16x from 16 to 64 px)")
     model: str = field("s", "DiT size (width, depth, heads; common/dit.py SIZES)", choices=tuple(SIZES))
     train_frames: int = field(9, "frames per training clip (3 chunks): rollouts run longer, to show drift")
     steps: int = field(1600, "optimizer steps (about 10 min on 2 idle CPU cores at batch 32)")
@@ -329,7 +329,7 @@ class RecordingCache(FullCache):
         out, probs = attention_ref(q, K, V, return_probs=True)  # probs (B, H, Nq, L + Nq)
         n_cached = self.k[layer].shape[2]
         mass = probs[..., :n_cached].sum(2).unflatten(-1, (len(self.frames), -1)).sum(-1)  # (B, H, frames)
-        self.records.append((layer, self.phase, mass[..., -4:].sum(-1), mass[..., 1:].sum(-1)))  # Sec. 3.2 score
+        self.records.append((layer, self.phase, mass[..., -4:].sum(-1), mass[..., 1:].sum(-1)))  # the score of step 1
         return out
 
 
@@ -380,7 +380,7 @@ class CompressedCache:
     def commit(self, new: dict, frame0: int):
         """Write a chunk's clean keys/values {layer: (k, v) (B, H, F N, Dh)} and evict: every
         compressed head drops the whole frames that left the recent window (never the sink); dynamic
-        heads keep the evicted segments that changed most, up to the buffer budget (Sec. 3.3)."""
+        heads keep the evicted segments that changed most, up to the buffer budget (step 3)."""
         B, H, FN, Dh = new[0][0].shape
         self.N = FN // FRAMES_PER_CHUNK
         chunk = list(range(frame0, frame0 + FRAMES_PER_CHUNK))
@@ -467,7 +467,7 @@ def segment_scores(k_f, k_next, seg_len: int):
 @torch.inference_mode()
 def rollout(model, cache, y, noise, steps: int, bar=None):
     """Chunk by chunk: S Euler steps with the cache read-only, then one clean pass at t = 0 that
-    writes the chunk's keys/values (Self Forcing, Alg. 1). noise: (B, T, C, S, S) -> video, same shape."""
+    writes the chunk's keys/values. noise: (B, T, C, S, S) -> video, same shape."""
     B, T = noise.shape[:2]
     grid = torch.linspace(1, 0, steps + 1)
     chunks = []
@@ -506,7 +506,7 @@ def rollout_reference(model, y, noise, steps: int):
     return video
 
 
-# %% offline head typing (Sec. 3.2)
+# %% offline head typing (PAPERS.md §2, step 1)
 
 
 def calibrate(model, cfg, device):
@@ -639,18 +639,16 @@ def measure_size(model, cfg, kinds, size: int, impl: str, device, n_videos: int)
     return rows, videos
 
 
-def threshold_sweep(model, cfg, score, full_video, impl, device) -> dict:
+def threshold_sweep(model, cfg, score, full_video, full_bytes: int, impl, device) -> dict:
     """Forcing-KV at thresholds 0.6-0.9: the static share, and what it costs in PSNR and bytes."""
     y, noise = eval_inputs(cfg, cfg.size, cfg.n_videos, device)
     N, rows = (cfg.size // PATCH) ** 2, {}
-    full = FullCache(model.depth)
-    rollout(model, full, y, noise[:, :FRAMES_PER_CHUNK * cfg.chunks], cfg.sample_steps)
     for thr in (0.6, 0.7, 0.8, 0.9):
         kinds = type_heads(score, thr)
         cache = make_caches(cfg, kinds, model.depth, N, impl)["forcing_kv"]()
         video = rollout(model, cache, y, noise, cfg.sample_steps).float().cpu()
         rows[str(thr)] = dict(static_fraction=(kinds[1:] == KINDS["static"]).float().mean().item(),
-                              psnr=compare(video, full_video)["psnr"], memory_ratio=cache.nbytes() / full.nbytes())
+                              psnr=compare(video, full_video)["psnr"], memory_ratio=cache.nbytes() / full_bytes)
     return rows
 
 
@@ -700,9 +698,13 @@ def run(cfg: Config) -> dict:
     kinds = type_heads(score, cfg.threshold)
     by_size, videos = {}, None
     for size in sorted(set(int_list(cfg.sizes, "--sizes", 8)) | {cfg.size}):
-        by_size[str(size)], v = measure_size(model, cfg, kinds, size, impl, device, cfg.n_videos)
+        # Quality is measured at --size, where the model was trained; the larger sizes measure cost,
+        # and two videos are enough for bytes and frames per second.
+        n = cfg.n_videos if size == cfg.size else min(2, cfg.n_videos)
+        by_size[str(size)], v = measure_size(model, cfg, kinds, size, impl, device, n)
         videos = v if size == cfg.size else videos
-    sweep = threshold_sweep(model, cfg, score, videos["full"], impl, device)
+    sweep = threshold_sweep(model, cfg, score, videos["full"], by_size[str(cfg.size)]["full"]["cache_bytes"],
+                            impl, device)
     res = dict(
         static_fraction=(kinds[1:] == KINDS["static"]).float().mean().item(),
         head_label_agreement=dict(samples=label_agreement(per_sample, cfg.threshold),
