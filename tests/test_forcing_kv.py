@@ -167,3 +167,19 @@ def test_bad_input_is_one_line_and_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         fk.main(["--preset", "smoke", *argv])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_same_seed_same_results(tmp_path, monkeypatch):
+    """Reproducibility on CPU: two runs from empty checkpoint caches agree on everything but timings."""
+    runs = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / f"ckpt_{name}"))
+        fk.main(["--preset", "smoke", "--out", str(tmp_path / name)])
+        saved = json.loads((tmp_path / name / "results.json").read_text())
+        for key in ("seconds", "train_seconds", "model_train_seconds", "speedup_by_size"):
+            saved.pop(key)
+        for rows in saved["by_size"].values():
+            for r in rows.values():
+                r.pop("fps")
+        runs.append(saved)
+    assert runs[0] == runs[1]
