@@ -327,8 +327,9 @@ class RecordingCache(FullCache):
             return super().attend(q, k, v, layer)
         K, V = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
         out, probs = attention_ref(q, K, V, return_probs=True)  # probs (B, H, Nq, L + Nq)
-        n_cached = self.k[layer].shape[2]
-        mass = probs[..., :n_cached].sum(2).unflatten(-1, (len(self.frames), -1)).sum(-1)  # (B, H, frames)
+        # Key frames are the cached frames and the chunk's own (Self Forcing writes the chunk into its
+        # cache before attending), so "the last 4 key frames" = the chunk itself + the newest cached frame.
+        mass = probs.sum(2).unflatten(-1, (len(self.frames) + FRAMES_PER_CHUNK, -1)).sum(-1)  # (B, H, frames)
         self.records.append((layer, self.phase, mass[..., -4:].sum(-1), mass[..., 1:].sum(-1)))  # the score of step 1
         return out
 
