@@ -107,7 +107,7 @@ PRESETS = {
     "cpu": dict(),
     "gpu": dict(sizes="16,32,64,96", steps=6000, batch=64, n_videos=16, n_calib=16),
 }
-PATCH = 4  # 16 tokens per 16 px frame, 144 at 48 px
+PATCH = 4  # 16 tokens per 16 px frame, 256 at 64 px
 FRAMES_PER_CHUNK = 3  # F: Self Forcing's chunk of 3 latent frames
 MAX_FRAME = 48  # training clips start at a random frame index below MAX_FRAME - train_frames
 SINK = 0  # the sink is the first frame
@@ -659,7 +659,7 @@ def threshold_sweep(model, cfg, score, full_video, full_bytes: int, impl, device
 def figures(out, cfg, videos, score, kinds, res):
     order = ("full", "window", "forcing_kv")
     frames = torch.cat([videos[name][i] for i in range(min(2, cfg.n_videos)) for name in order])
-    save_image_panels([("rows: " + " / ".join(order) + " (video 1, then video 2)", frames)],
+    save_image_panels([(" / ".join(order) + ", video 1 then 2", frames)],
                       out / "fig_filmstrip.png", nrow=cfg.chunks * FRAMES_PER_CHUNK,
                       title=f"same noise, {cfg.chunks} chunks of {FRAMES_PER_CHUNK} frames at {cfg.size}px")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
