@@ -111,6 +111,7 @@ PATCH = 4  # 16 tokens per 16 px frame, 256 at 64 px
 FRAMES_PER_CHUNK = 3  # F: Self Forcing's chunk of 3 latent frames
 MAX_FRAME = 48  # training clips start at a random frame index below MAX_FRAME - train_frames
 SINK = 0  # the sink is the first frame
+TIMING_REPEATS = 3  # frames per second: the best of 3 rollouts per cache
 
 
 # %% data: moving shapes
@@ -615,22 +616,28 @@ def eval_inputs(cfg, size: int, n: int, device):
 
 def measure_size(model, cfg, kinds, size: int, impl: str, device, n_videos: int) -> tuple[dict, dict]:
     """Every cache at one frame size, from identical noise: quality against the full cache, bytes at
-    the end, frames per second after a warm-up. -> (metrics by cache, videos by cache)."""
+    the end, frames per second after a warm-up (the best of TIMING_REPEATS rollouts, taken in turn,
+    because on a shared CPU other work only ever slows a rollout down). -> (metrics, videos) by cache."""
     y, noise = eval_inputs(cfg, size, n_videos, device)
     T = noise.shape[1]
     caches = make_caches(cfg, kinds, model.depth, (size // PATCH) ** 2, impl)
-    rows, videos = {}, {}
-    bar = tqdm(total=len(caches) * (cfg.chunks + 1), desc=f"caches at {size}px", leave=False)
-    for name, make in caches.items():
+    rows, videos, seconds = {}, {}, {name: [] for name in caches}
+    bar = tqdm(total=len(caches) * (1 + TIMING_REPEATS * cfg.chunks), desc=f"caches at {size}px", leave=False)
+    for make in caches.values():
         rollout(model, make(), y, noise[:, :FRAMES_PER_CHUNK], cfg.sample_steps, bar)  # warm-up
-        cache = make()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        videos[name] = rollout(model, cache, y, noise, cfg.sample_steps, bar).float().cpu()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rows[name] = dict(cache_bytes=cache.nbytes(), fps=n_videos * T / (time.perf_counter() - t0))
+    for _ in range(TIMING_REPEATS):
+        for name, make in caches.items():
+            cache = make()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            video = rollout(model, cache, y, noise, cfg.sample_steps, bar)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - t0)
+            videos[name], rows[name] = video.float().cpu(), dict(cache_bytes=cache.nbytes())  # the same each time
+    for name in caches:
+        rows[name]["fps"] = n_videos * T / min(seconds[name])
     bar.close()
     for name in caches:
         q = compare(videos[name], videos["full"])
