@@ -37,7 +37,7 @@ Deviations from the paper. Pixel-space moving shapes (16 px, patch 4) instead of
     quality numbers come from a regime the model was never trained in.
 
 Run
-    python forcing_kv.py                     # cpu preset: training ~15 min once (cached), then ~10 min
+    python forcing_kv.py                     # cpu preset: training 659 s once (cached), then 138 s (2 CPU cores)
     python forcing_kv.py --preset gpu        # GPU (not measured yet)
     python forcing_kv.py --preset smoke      # seconds, what the tests run
 """
@@ -76,7 +76,7 @@ class Config(BaseConfig):
     sizes: str = field("16,32,64", "frame sizes for the cost scaling (tokens per frame grow 16x from 16 to 64 px)")
     model: str = field("s", "DiT size (width, depth, heads; common/dit.py SIZES)", choices=tuple(SIZES))
     train_frames: int = field(9, "frames per training clip (3 chunks): rollouts run longer, to show drift")
-    steps: int = field(1600, "optimizer steps (about 10 min on 2 idle CPU cores at batch 32)")
+    steps: int = field(1600, "optimizer steps (659 s on 2 CPU cores at batch 32)")
     batch: int = field(32, "training clips per step")
     lr: float = field(2e-3, "AdamW learning rate (the base model's: tiny model, short run)")
     chunks: int = field(8, "chunks per rollout (F = 3 frames each); longer than the training clips")
@@ -547,7 +547,7 @@ def label_agreement(scores, threshold: float) -> float:
 def make_caches(cfg, kinds, depth: int, N: int, impl: str) -> dict:
     """Every cache compared, from one set of head types. Budgets: static heads keep sink + R recent
     frames, dynamic heads also a buffer of `buffer` frames' worth of segments; the window keeps
-    sink + W recent frames in every head, W chosen so that it stores at least as much."""
+    sink + W recent frames in every head, W chosen so that it keeps at least as many tokens."""
     seg = int(math.isqrt(N))  # a segment = one row of patches
     buf_tokens = cfg.buffer * N
     dyn = (kinds[1:] == KINDS["dynamic"]).float().mean().item()
