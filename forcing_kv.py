@@ -11,7 +11,7 @@ Claim reproduced
 Paper -> code
     chunk-causal video DiT, teacher forcing ........ `VideoDiT`, `block_causal_mask`, `train_video_model`
     Self Forcing rollout: S steps, then a clean pass  `rollout` (`rollout_reference`: no cache at all)
-    head score s = mass(last 4) / mass(after sink) . `head_scores`, `type_heads` (s >= 0.8: static)
+    head score s = mass(last 4) / mass(after sink) . `RecordingCache`, `calibrate`, `type_heads` (s >= 0.8)
     static heads: sink + recent frames .............. `CompressedCache.commit` (whole frames)
     dynamic heads: + lowest-similarity segments ..... `segment_scores`, `CompressedCache.commit`
     per-head variable-length attention .............. `attend` (common/varlen_attention.py layout)
@@ -35,6 +35,11 @@ Deviations from the paper. Pixel-space moving shapes (16 px, patch 4) instead of
     cache, the window included. The model is trained at 16 px only: the larger frame sizes run
     the same weights on a larger token grid to measure cost (bytes, frames per second); their
     quality numbers come from a regime the model was never trained in.
+
+Measured (cpu preset; README): every compressed cache holds 0.41x the full cache's bytes after
+    24 frames; Forcing-KV is 0.60x / 0.97x / 1.39x as fast as the full cache at 16 / 32 / 64 px and
+    1.6 dB closer to it (PSNR) than a window of the same size; lowest-similarity segments beat random
+    and highest-similarity ones. Not reproduced: no head scores >= 0.8 here, so all are dynamic.
 
 Run
     python forcing_kv.py                     # cpu preset: training 659 s once (cached), then 138 s (2 CPU cores)
