@@ -65,12 +65,7 @@ from common.dit import SIZES, Block, attention_ref, modulate, patchify, sincos_2
 from common.flow import interpolate, velocity_target
 from common.plot import plt, save_curves, save_image_panels
 from common.train import EMA, load_or_train, make_optimizer, optimizer_step
-from common.varlen_attention import varlen_attention_ref
-
-try:  # the fused Triton path lands in common/varlen_attention.py on its own branch (issue 10)
-    from common.varlen_attention import resolve_impl, varlen_attention
-except ImportError:
-    resolve_impl = varlen_attention = None
+from common.varlen_attention import resolve_impl, run_bench, varlen_attention, varlen_attention_ref
 
 # %% config and presets
 
@@ -93,6 +88,8 @@ class Config(BaseConfig):
     buffer: int = field(1, "frames' worth of evicted segments each dynamic head keeps (about one in the paper)")
     attention: str = field("auto", "compressed-cache attention: torch, triton (fused kernel) or auto (triton on "
                            "CUDA when present, torch otherwise)", choices=("auto", "torch", "triton"))
+    bench: bool = field(False, "only benchmark one chunk-attention call (full SDPA, gather + SDPA, fused kernel) "
+                        "at several frame sizes and cache lengths; writes bench.json and fig_bench.png")
 
     def validate(self):
         for s in [self.size, *int_list(self.sizes, "--sizes", 8)]:
@@ -259,40 +256,13 @@ def train_video_model(cfg, device) -> tuple[VideoDiT, dict]:
 # %% attention over a per-head, variable-length cache
 
 
-def grouped_attention(q, k_packed, v_packed, offsets, lengths, k_new, v_new):
-    """The fast PyTorch path (what the official code does): heads whose caches have the same
-    length form a group (static, dynamic, uncompressed); gather each group's runs into one
-    (G, L, Dh) block and run one SDPA per group. Same maths as `varlen_attention_ref`."""
-    B, H, Nq, Dh = q.shape
-    qf, knf, vnf = q.flatten(0, 1), k_new.flatten(0, 1), v_new.flatten(0, 1)  # (B H, N, Dh)
-    off, lens = offsets.flatten(), lengths.flatten()
-    out = torch.empty_like(qf)
-    for n in lens.unique().tolist():
-        pairs = (lens == n).nonzero().squeeze(1)  # (G,) the (b, h) pairs of this group
-        rows = off[pairs, None] + torch.arange(n, device=q.device)  # (G, n)
-        k = torch.cat([k_packed[rows], knf[pairs]], 1)  # (G, n + Nn, Dh)
-        v = torch.cat([v_packed[rows], vnf[pairs]], 1)
-        out[pairs] = F.scaled_dot_product_attention(qf[pairs, None], k[:, None], v[:, None])[:, 0]
-    return out.view(B, H, Nq, Dh)
-
-
 def attend(q, k_packed, v_packed, offsets, lengths, k_new, v_new, impl: str = "torch"):
     """The one attention call of every compressed cache: `reference` (a loop over (b, h) pairs),
-    `torch` (grouped SDPA) or `triton` (the fused kernel of common/varlen_attention.py)."""
+    `torch` (gather + SDPA per group of equal-length heads, what the official code does) or
+    `triton` (the fused kernel); all three live in common/varlen_attention.py."""
     if impl == "reference":
         return varlen_attention_ref(q, k_packed, v_packed, offsets, lengths, k_new, v_new)
-    if impl == "torch":
-        return grouped_attention(q, k_packed, v_packed, offsets, lengths, k_new, v_new)
     return varlen_attention(q, k_packed, v_packed, offsets, lengths, k_new, v_new, impl=impl)
-
-
-def resolve_attention(name: str, device) -> str:
-    """--attention auto|torch|triton -> the implementation `attend` runs."""
-    if resolve_impl is not None:
-        return resolve_impl(name, device)
-    if name == "triton":
-        raise UserError("--attention triton: this checkout has no fused kernel (common/varlen_attention.py)")
-    return "torch"
 
 
 # %% KV caches: full, and compressed (window, Forcing-KV and its ablations)
@@ -704,8 +674,15 @@ def figures(out, cfg, videos, score, kinds, res):
 def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    impl = resolve_attention(cfg.attention, device)
+    impl = resolve_impl(cfg.attention, device)
     out = run_dir(cfg, "forcing_kv")
+    if cfg.bench:  # the kernel benchmark of issue 10 (common/varlen_attention.py); no model needed
+        res = run_bench(out, device)
+        print_table([(r["size"], r["cache_frames"], r["kept_fraction"], r["ms_full_sdpa"], r["ms_gather_sdpa"],
+                      r.get("ms_fused", "skipped"), r.get("fused_GBps", "-")) for r in res["rows"]],
+                    ("frame", "cache frames", "kept", "ms full SDPA", "ms gather+SDPA", "ms fused", "fused GB/s"))
+        print(f"{res['device']}: {res['fused_note']}\nwrote {out}/bench.json and fig_bench.png")
+        return res
     model, info = train_video_model(cfg, device)
     score, per_sample, per_step = calibrate(model, cfg, device)
     kinds = type_heads(score, cfg.threshold)

@@ -66,6 +66,24 @@ def test_grouped_attention_matches_the_reference_loop():
     assert torch.allclose(fk.attend(q, kp, vp, offsets, lengths, kn, vn, "torch"), ref, atol=1e-6)
 
 
+def test_fused_kernel_inside_a_short_generation_equals_the_torch_path(model):
+    """The Triton kernel (under TRITON_INTERPRET=1 on a CPU, set by conftest.py) drives a whole
+    Forcing-KV rollout: same video as the PyTorch path, to fp32 rounding."""
+    pytest.importorskip("triton")
+    y, noise = inputs(chunks=3)
+    kinds = torch.tensor([[0, 0, 0, 0], [1, 2, 1, 2]])  # layer 0 whole; static and dynamic heads after it
+    videos = [fk.rollout(model, fk.CompressedCache(kinds, 1, 4, seg_len=2, impl=impl), y, noise, steps=2)
+              for impl in ("torch", "triton")]
+    assert torch.allclose(videos[0], videos[1], atol=1e-5)
+
+
+def test_bench_flag_writes_bench_json(tmp_path):
+    res = fk.main(["--preset", "smoke", "--bench", "true", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["rows"] == res["rows"] and all(r["ms_gather_sdpa"] > 0 for r in saved["rows"])
+    assert (tmp_path / "fig_bench.png").stat().st_size > 1000
+
+
 def frame_coded_chunk(frame0, B=1, H=2, N=4, Dh=4):
     """Keys/values whose every entry is the frame index: a run's contents tell which frames it holds."""
     f = torch.arange(frame0, frame0 + F_).repeat_interleave(N).float()  # (F N,)
