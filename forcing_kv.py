@@ -14,7 +14,8 @@ Paper -> code
     head score s = mass(last 4) / mass(after sink) . `RecordingCache`, `calibrate`, `type_heads` (s >= 0.8)
     static heads: sink + recent frames .............. `CompressedCache.commit` (whole frames)
     dynamic heads: + lowest-similarity segments ..... `segment_scores`, `CompressedCache.commit`
-    per-head variable-length attention .............. `attend` (common/varlen_attention.py layout)
+    per-head variable-length attention .............. `attend` -> common/varlen_attention.py (reference,
+                                                      gather + SDPA per head group, fused Triton kernel)
 
 Conventions (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, target eps - x;
     the paper (Self Forcing, Wan) uses the same direction. F frames per chunk, S Euler steps per
@@ -45,6 +46,8 @@ Run
     python forcing_kv.py                     # cpu preset: training 659 s once (cached), then 138 s (2 CPU cores)
     python forcing_kv.py --preset gpu        # GPU (not measured yet)
     python forcing_kv.py --preset smoke      # seconds, what the tests run
+    python forcing_kv.py --bench true        # chunk-attention benchmark: full SDPA / gather + SDPA / fused kernel
+    python forcing_kv.py --attention triton  # generation through the fused kernel (CUDA; TRITON_INTERPRET=1 on CPU)
 """
 
 # %% imports
