@@ -83,8 +83,10 @@ class Config(BaseConfig):
     eval_steps: int = field(300, "evaluator training steps (shared with common.pretrain's cache)")
 
     def validate(self):
-        if not all(0 <= s <= 1 for s in switch_list(self.switches)):
-            raise UserError(f"--switches must lie in [0, 1], got {self.switches!r}")
+        switches = switch_list(self.switches)
+        if not all(0 <= s <= 1 for s in switches) or 1.0 not in switches:
+            raise UserError(f"--switches must lie in [0, 1] and include 1 (the large model alone, the baseline of "
+                            f"FD and speed-up), got {self.switches!r}")
         if self.small_width % 4 or self.small_width % SIZES[self.model]["heads"]:
             raise UserError(f"--small-width {self.small_width} must be divisible by 4 and by the heads")
         if 16 % self.c2f_patch:
@@ -336,9 +338,7 @@ def part3(cfg, small, large, ev, y, real, device) -> tuple[list, dict, dict]:
         samples[s] = x
         rows.append(dict(switch_t=1 - round(cfg.sample_steps * (1 - s)) / cfg.sample_steps, fd=ev.fd(x, real),
                          seconds=sec))
-    base = rows[0] if rows[0]["switch_t"] == 1 else None
-    if base is None:
-        raise UserError("--switches must include 1 (the large model alone): speed-up and FD are relative to it")
+    base = rows[0]  # switch 1: the large model alone (validate() insists on it)
     f_large = ev.features(samples[max(samples)])
     for r, x in zip(rows, samples.values()):
         r["paired_cos"] = paired_cosine(ev.features(x), f_large).mean().item()
@@ -356,17 +356,17 @@ def part3(cfg, small, large, ev, y, real, device) -> tuple[list, dict, dict]:
 
 
 def image_rows(rows: list, path, title: str) -> None:
-    """One row of images per model: rows = [(label, images (K, C, S, S)), ...]."""
-    fig, axes = plt.subplots(len(rows), 1, figsize=(0.45 * len(rows[0][1]) + 1.8, 0.5 * len(rows) + 0.6),
-                             squeeze=False)
-    for ax, (label, imgs) in zip(axes[:, 0], rows):
-        ax.imshow(grid(imgs, nrow=len(imgs)).numpy(), interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-        for side in ax.spines.values():
-            side.set_visible(False)
-    fig.suptitle(title, fontsize=9)
+    """One row of images per model, labelled: rows = [(label, images (K, C, S, S)), ...]."""
+    k, S = len(rows[0][1]), rows[0][1].shape[-1]
+    canvas = grid(torch.cat([x for _, x in rows]), nrow=k)  # (H, W, 3), 1 px of padding between images
+    fig, ax = plt.subplots(figsize=(0.42 * k + 1.3, 0.42 * len(rows) + 0.45))
+    ax.imshow(canvas.numpy(), interpolation="nearest")
+    ax.set_yticks([1 + r * (S + 1) + S / 2 for r in range(len(rows))], [label for label, _ in rows], fontsize=8)
+    ax.set_xticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -389,7 +389,8 @@ def figures(out, cfg, samples, traj, t_grid, fd_frac, c2f, c2f_samples, fd_large
     ax2 = ax.twinx()
     ax2.plot(ts, [r["speedup"] for r in c2f], "s--", color="C1", label="speed-up")
     ax2.set_ylabel("speed-up over the large model alone", color="C1")
-    fig.legend(fontsize=8, loc="upper center")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8, loc="upper center")
     ax.set_title("coarse-to-fine: small model first, large model last", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "fig_c2f.png", dpi=120)
