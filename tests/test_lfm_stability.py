@@ -124,3 +124,33 @@ def test_smoke_run_writes_every_key(tmp_path):
     assert saved["c2f_best_speedup"] >= 1.0
     for fig in ("fig_stability_grid.png", "fig_trajectory.png", "fig_fd_vs_fraction.png", "fig_c2f.png"):
         assert (tmp_path / fig).stat().st_size > 1000
+
+
+def test_x_prediction_of_the_clean_image_is_the_true_velocity():
+    """An oracle that returns the clean image x gives v = eps - x exactly (common/flow.py's target)."""
+    g = torch.Generator().manual_seed(0)
+    x, eps, t = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g), torch.rand(4, generator=g)
+
+    class Oracle(torch.nn.Module):
+        C, img_size, null_label = 3, 8, 3
+
+        def forward(self, x_t, t, y=None):
+            return x
+
+    v = lfm.XPrediction(Oracle())(lfm.interpolate(x, eps, t), t)
+    assert torch.allclose(v, eps - x, atol=1e-4)
+
+
+def test_same_seed_same_results_when_retrained(tmp_path, monkeypatch):
+    """Reproducibility on CPU: two smoke runs from empty caches agree on everything but timings."""
+    runs = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / f"ckpt_{name}"))
+        lfm.main(["--preset", "smoke", "--out", str(tmp_path / name)])
+        saved = json.loads((tmp_path / name / "results.json").read_text())
+        for key in ("seconds", "train_seconds", "c2f_best_speedup", "c2f_pair"):
+            saved.pop(key)
+        for r in saved["c2f"]:
+            r.pop("seconds"), r.pop("speedup")
+        runs.append(saved)
+    assert runs[0] == runs[1]
