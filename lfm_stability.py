@@ -393,12 +393,22 @@ def image_rows(rows: list, path, title: str) -> None:
     plt.close(fig)
 
 
-def figures(out, cfg, samples, traj, t_grid, fd_frac, c2f, c2f_samples, fd_large):
+def figures(out, cfg, samples, stability, traj, t_grid, fd_frac, c2f, c2f_samples, fd_large):
     cols = min(12, len(next(iter(samples.values()))))
     image_rows([(name, x[:cols]) for name, x in samples.items() if name in PART1],
                out / "fig_stability_grid.png", "same noise (one column each), different models (one row each)")
-    save_curves({name: (t_grid, d) for name, d in traj.items()}, out / "fig_trajectory.png",
-                "t (1 noise -> 0 data)", "RMS distance to the reference's x_t", "where same-noise trajectories part")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, d in traj.items():
+        ax.plot(t_grid, d, marker="o", ms=2, label=name)
+    unrelated = statistics.median(v["unrelated_mse"] for v in stability.values()) ** 0.5
+    ax.axhline(unrelated, color="k", ls=":", lw=1, label="unrelated pairs at t = 0 (same class)")
+    ax.set(xlabel="t (sampling runs from 1, noise, to 0, data)", ylabel="RMS distance to the reference's x_t",
+           title="where same-noise trajectories part", xlim=(1.02, -0.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "fig_trajectory.png", dpi=120)
+    plt.close(fig)
     save_curves({k: ([float(f) for f in v], list(v.values())) for k, v in fd_frac.items()},
                 out / "fig_fd_vs_fraction.png", "share of the training data kept", "evaluator FD to held-out images",
                 "less data, equal training steps", logx=True)
@@ -406,7 +416,8 @@ def figures(out, cfg, samples, traj, t_grid, fd_frac, c2f, c2f_samples, fd_large
     ts = [r["switch_t"] for r in c2f]
     ax.plot(ts, [r["fd"] for r in c2f], "o-", color="C0", label="evaluator FD")
     ax.axhline(1.1 * fd_large, color="C0", ls=":", lw=1, label="large alone + 10%")
-    ax.set(xlabel="switch time (small model while t > switch)", ylabel="evaluator FD")
+    ax.set(xlabel="switch time (small model while t > switch)", ylabel="evaluator FD (log)", xlim=(1.05, -0.05),
+           yscale="log")
     ax2 = ax.twinx()
     ax2.plot(ts, [r["speedup"] for r in c2f], "s--", color="C1", label="speed-up")
     ax2.set_ylabel("speed-up over the large model alone", color="C1")
@@ -485,7 +496,7 @@ def run(cfg: Config) -> dict:
         seconds=round(time.perf_counter() - t0, 1),
     )
     save_json(out / "results.json", results)
-    figures(out, cfg, samples, traj, t_grid, fd_by_fraction, c2f, c2f_samples, fd_large)
+    figures(out, cfg, samples, stability, traj, t_grid, fd_by_fraction, c2f, c2f_samples, fd_large)
     print_table([(n, v["paired_cos"], v["unrelated_cos"], v["label_agreement"], v["paired_mse"], v["unrelated_mse"])
                  for n, v in stability.items()],
                 ("vs reference", "paired cos", "unrelated cos", "label agr.", "paired MSE", "unrelated MSE"))
