@@ -24,14 +24,16 @@ Conventions (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, 
 
 Deviations from the paper
     Pixel space (16 px shapes), not the latent space of an autoencoder; class-conditional TinyDiTs
-    sampled with CFG 3 and 30 Euler steps (the paper: 60). The repository's CNN evaluator stands in
+    sampled with CFG 5 and 30 Euler steps (the paper: 60). The repository's CNN evaluator stands in
     for DINOv2 / ArcFace (feature cosine) and for Inception (FID -> "evaluator FD"). Every model
-    shares one short recipe (a CPU budget), so the reference is a small net too; the large model of
-    coarse-to-fine is the shared base model (common/pretrain.py). The "unrelated" baseline permutes
-    pairs *within a class*: with class-conditional models an across-class permutation is a far
-    easier bar (reported too, as unrelated_cos_any_class). Within a cluster, balanced pruning keeps
-    random members (the official code's `is_random` branch), shares capped by small clusters are
-    spread over the others.
+    shares one short recipe (TinyDiT-xs, 2,400 steps: a CPU budget), so the reference is small too;
+    "narrow" is xs at width 28 (4.8x fewer parameters). The coarse-to-fine pair is the shared base
+    model (TinyDiT-s, patch 4, common/pretrain.py) as the large model and xs with patch 8 (4 image
+    tokens, 9x fewer FLOPs) as the small one; it predicts the clean image, not the velocity (`XPrediction`).
+    The "unrelated" baseline permutes pairs *within a class*: with class-conditional models an
+    across-class permutation is a far easier bar (reported too, as unrelated_cos_any_class). Within a
+    cluster, balanced pruning keeps random members (the official code's `is_random` branch); shares
+    capped by small clusters are spread over the others.
 
 Run
     python lfm_stability.py                    # cpu preset: about 15 min on 2 CPU cores from an empty cache
