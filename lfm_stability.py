@@ -47,6 +47,7 @@ import statistics
 import time
 
 import torch
+from matplotlib.ticker import FormatStrFormatter
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -395,6 +396,28 @@ def image_rows(rows: list, path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_c2f(c2f: list, fd_large: float, path) -> None:
+    """FD (log scale) and speed-up against the switch time, from the saved `c2f` rows."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ts = [r["switch_t"] for r in c2f]
+    ax.plot(ts, [r["fd"] for r in c2f], "o-", color="C0", label="evaluator FD")
+    ax.axhline(1.1 * fd_large, color="C0", ls=":", lw=1, label="large alone + 10%")
+    ax.set(xlabel="switch time (small model while t > switch)", ylabel="evaluator FD (log scale)",
+           xlim=(1.05, -0.05), yscale="log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax2 = ax.twinx()
+    ax2.plot(ts, [r["speedup"] for r in c2f], "s--", color="C1", label="speed-up")
+    ax2.set_ylabel("speed-up over the large model alone", color="C1")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8, loc="upper center")
+    ax.set_title("coarse-to-fine: small model first, large model last", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def figures(out, cfg, samples, stability, traj, t_grid, fd_frac, c2f, c2f_samples, fd_large):
     cols = min(12, len(next(iter(samples.values()))))
     image_rows([(name, x[:cols]) for name, x in samples.items() if name in PART1],
@@ -414,21 +437,7 @@ def figures(out, cfg, samples, stability, traj, t_grid, fd_frac, c2f, c2f_sample
     save_curves({k: ([float(f) for f in v], list(v.values())) for k, v in fd_frac.items()},
                 out / "fig_fd_vs_fraction.png", "share of the training data kept", "evaluator FD to held-out images",
                 "less data, equal training steps", logx=True)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ts = [r["switch_t"] for r in c2f]
-    ax.plot(ts, [r["fd"] for r in c2f], "o-", color="C0", label="evaluator FD")
-    ax.axhline(1.1 * fd_large, color="C0", ls=":", lw=1, label="large alone + 10%")
-    ax.set(xlabel="switch time (small model while t > switch)", ylabel="evaluator FD (log)", xlim=(1.05, -0.05),
-           yscale="log")
-    ax2 = ax.twinx()
-    ax2.plot(ts, [r["speedup"] for r in c2f], "s--", color="C1", label="speed-up")
-    ax2.set_ylabel("speed-up over the large model alone", color="C1")
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=8, loc="upper center")
-    ax.set_title("coarse-to-fine: small model first, large model last", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "fig_c2f.png", dpi=120)
-    plt.close(fig)
+    plot_c2f(c2f, fd_large, out / "fig_c2f.png")
     image_rows([(f"switch {s:g}", x[:cols]) for s, x in c2f_samples.items()], out / "fig_c2f_samples.png",
                "coarse-to-fine samples, same noise (1: large model alone, 0: small alone)")
 
