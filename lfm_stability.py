@@ -36,7 +36,7 @@ Deviations from the paper
     capped by small clusters are spread over the others.
 
 Run
-    python lfm_stability.py                    # cpu preset: about 15 min on 2 CPU cores from an empty cache
+    python lfm_stability.py                    # cpu preset: 1,006 s on 2 CPU cores from an empty cache, 177 s warm
     python lfm_stability.py --preset gpu       # GPU (not measured yet)
     python lfm_stability.py --preset smoke     # seconds, what the tests run
 """
