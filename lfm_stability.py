@@ -101,7 +101,7 @@ PRESETS = {
     "smoke": dict(steps=10, batch=16, n_train=720, clusters=6, n_samples=36, sample_steps=4,
                   switches="1,0.5,0", large="smoke", time_batch=12, eval_steps=20),
     "cpu": dict(),
-    "gpu": dict(model="s", small_width=48, large="gpu", steps=4000, batch=256, n_samples=2304,
+    "gpu": dict(model="s", small_width=44, large="gpu", steps=4000, batch=256, n_samples=2304,
                 sample_steps=60, time_batch=576, eval_steps=600),
 }
 FRACTIONS = (1.0, 0.5, 0.25, 0.1)  # Part 2: the share of the training data kept
