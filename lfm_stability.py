@@ -67,8 +67,8 @@ from common.train import EMA, load_or_train, make_optimizer, optimizer_step
 @dataclasses.dataclass
 class Config(BaseConfig):
     model: str = field("xs", "TinyDiT size of the reference and of every perturbed model", choices=tuple(SIZES))
-    small_width: int = field(28, "width D of the 'smaller network' perturbation (same depth, heads): >= 4x "
-                                 "fewer parameters than xs' 64")
+    small_width: int = field(28, "width D of the 'smaller network' perturbation, same depth and heads "
+                                 "(28 vs xs' 64: 4.8x fewer parameters)")
     c2f_patch: int = field(8, "patch of the coarse-to-fine small model: 4 tokens at 16 px, cheap per step")
     large: str = field("cpu", "common.pretrain preset of the coarse-to-fine large model (the cached base model)",
                        choices=tuple(pretrain.PRESETS))
