@@ -106,7 +106,7 @@ PRESETS = {
 }
 FRACTIONS = (1.0, 0.5, 0.25, 0.1)  # Part 2: the share of the training data kept
 P_UNCOND = 0.1  # CFG dropout of the shared recipe (common/pretrain.py's)
-PART1 = ("reference", "half A", "half B", "random 25%", "balanced 25%", "seed + 1", "narrow")
+PART1 = ("reference", "half A", "half B", "random 25%", "balanced 25%", "seed + 1", "narrow", "narrow x-pred")
 
 
 def switch_list(text: str) -> list:
@@ -249,6 +249,9 @@ def model_specs(cfg, cluster: torch.Tensor) -> dict:
         "balanced 25%": (*bal(0.25), {}),
         "seed + 1": (*full[:2], dict(seed=cfg.seed + 1)),
         "narrow": (*full[:2], dict(width=cfg.small_width)),
+        # Width 28 < the 4 * 4 * 3 = 48 values of a patch: a velocity (mostly noise, full rank) cannot
+        # pass; a clean image can. The same net predicting x (see `XPrediction`) tests that reading.
+        "narrow x-pred": (*full[:2], dict(width=cfg.small_width, predict="x")),
         "random 10%": (*rnd(0.1), {}),
         "balanced 50%": (*bal(0.5), {}),
         "balanced 10%": (*bal(0.1), {}),
