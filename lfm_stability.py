@@ -27,16 +27,17 @@ Deviations from the paper
     sampled with CFG 5 and 30 Euler steps (the paper: 60). The repository's CNN evaluator stands in
     for DINOv2 / ArcFace (feature cosine) and for Inception (FID -> "evaluator FD"). Every model
     shares one short recipe (TinyDiT-xs, 2,400 steps: a CPU budget), so the reference is small too;
-    "narrow" is xs at width 28 (4.8x fewer parameters). The coarse-to-fine pair is the shared base
-    model (TinyDiT-s, patch 4, common/pretrain.py) as the large model and xs with patch 8 (4 image
-    tokens, 9x fewer FLOPs) as the small one; it predicts the clean image, not the velocity (`XPrediction`).
+    "narrow" is xs at width 28 (4.8x fewer parameters), trained on the velocity and, a second time,
+    on the clean image. The coarse-to-fine pair is the shared base model (TinyDiT-s, patch 4,
+    common/pretrain.py) as the large model and xs with patch 8 (4 image tokens, 9x fewer FLOPs) as
+    the small one, which predicts the clean image, not the velocity (`XPrediction`).
     The "unrelated" baseline permutes pairs *within a class*: with class-conditional models an
     across-class permutation is a far easier bar (reported too, as unrelated_cos_any_class). Within a
     cluster, balanced pruning keeps random members (the official code's `is_random` branch); shares
     capped by small clusters are spread over the others.
 
 Run
-    python lfm_stability.py                    # cpu preset: 1,006 s on 2 CPU cores from an empty cache, 177 s warm
+    python lfm_stability.py                    # cpu preset: ~1,100 s on 2 CPU cores from an empty cache, 118 s warm
     python lfm_stability.py --preset gpu       # GPU (not measured yet)
     python lfm_stability.py --preset smoke     # seconds, what the tests run
 """
@@ -363,7 +364,7 @@ def part3(cfg, small, large, ev, y, real, device) -> tuple[list, dict, dict]:
         x, sec = timed_chunks(lambda nb, yb: coarse_to_fine(small, large, nb, yb, cfg.sample_steps, s,  # noqa: B023
                                                              cfg.cfg_scale), noise, y, cfg.time_batch, device)
         samples[s] = x
-        rows.append(dict(switch_t=1 - round(cfg.sample_steps * (1 - s)) / cfg.sample_steps, fd=ev.fd(x, real),
+        rows.append(dict(switch_t=round(1 - round(cfg.sample_steps * (1 - s)) / cfg.sample_steps, 6), fd=ev.fd(x, real),
                          seconds=sec))
     base = rows[0]  # switch 1: the large model alone (validate() insists on it)
     f_large = ev.features(samples[max(samples)])
