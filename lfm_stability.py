@@ -37,7 +37,7 @@ Deviations from the paper
     capped by small clusters are spread over the others.
 
 Run
-    python lfm_stability.py                    # cpu preset: ~1,100 s on 2 CPU cores from an empty cache, 118 s warm
+    python lfm_stability.py                    # cpu preset: about 17 min on 2 CPU cores from an empty cache, 2 min warm
     python lfm_stability.py --preset gpu       # GPU (not measured yet)
     python lfm_stability.py --preset smoke     # seconds, what the tests run
 """
