@@ -59,7 +59,7 @@ from common.dit import SIZES, TinyDiT, count_params
 from common.evaluator import get_evaluator, paired_cosine
 from common.flow import fm_loss, interpolate, sample_t
 from common.plot import grid, plt, save_curves
-from common.sampler import autocast, cfg_velocity, euler, sample_labels
+from common.sampler import autocast, cfg_velocity, euler, sample_labels, seeded_noise
 from common.train import EMA, load_or_train, make_optimizer, optimizer_step
 
 # %% config and presets
@@ -295,7 +295,7 @@ def stability_metrics(ev, x_a: torch.Tensor, x_b: torch.Tensor, y: torch.Tensor,
 
 def noise_for(n: int, seed: int, size: int = 16, channels: int = 3) -> torch.Tensor:
     """The noise `sample_labels` draws for seed (on the CPU): index i gets the same noise everywhere."""
-    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+    return seeded_noise(n, channels, size, seed)
 
 
 def trajectory_distance(models: dict, noise: torch.Tensor, y: torch.Tensor, cfg) -> dict:

@@ -74,7 +74,7 @@ from common.config import BaseConfig, UserError, cli, field, print_table, resolv
 from common.evaluator import get_evaluator, paired_distance
 from common.flow import interpolate
 from common.plot import plt, save_image_panels
-from common.sampler import cfg_velocity, euler, gaussian_logprob, sde_step
+from common.sampler import euler, gaussian_logprob, sample_labels, sde_step
 from common.train import EMA, make_optimizer, optimizer_step
 
 # %% config and presets
@@ -355,14 +355,8 @@ def grpo_round(policy, ref, opt, y, reward, cfg, g, clip, device):
 
 
 def sample_images(model, y, noise, steps: int, batch: int = 288) -> torch.Tensor:
-    """Plain conditional ODE samples (no CFG) from fixed noise, in batches -> (B, C, S, S) on the CPU."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(y), batch):
-        yb = y[i:i + batch].to(device)
-        v = cfg_velocity(model, yb, 1.0, model.null_label)  # scale 1: the plain conditional velocity
-        out.append(euler(v, noise[i:i + batch].to(device), steps).float().cpu())
-    return torch.cat(out)
+    """Plain conditional ODE samples (no CFG: scale 1) from fixed noise -> (B, C, S, S) on the CPU."""
+    return sample_labels(model, y, steps, 1.0, batch=batch, noise=noise)
 
 
 def train_method(method, base, reward, cfg, lr, hp, rounds, held_out, device, seed, progress=True):

@@ -99,14 +99,20 @@ def sde_step(x, v, t, t_next, a: float = 0.7, generator=None, x_next=None):
     return x_next, gaussian_logprob(x_next, mean, step_std), mean, step_std
 
 
+def seeded_noise(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    """The starting noise of `sample_labels`, drawn on the CPU from `seed`: index i gets the same
+    noise on every device and for every model. -> (n, channels, size, size)."""
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
 def sample_labels(model, y: torch.Tensor, steps: int, scale: float = 1.0, seed: int = 0,
-                  batch: int = 512) -> torch.Tensor:
+                  batch: int = 512, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Class-conditional samples from a TinyDiT-like `model(x, t, y)`, one per label in y, with
-    Euler and CFG. The noise is drawn on the CPU from `seed`, so every device and every model
-    compared in a script sees the same noise for the same index. -> (B, C, S, S) on the CPU."""
+    Euler and CFG. The noise is `seeded_noise(..., seed)` unless given, so every device and every
+    model compared in a script sees the same noise for the same index. -> (B, C, S, S) on the CPU."""
     device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(y), model.C, model.img_size, model.img_size, generator=g)
+    if noise is None:
+        noise = seeded_noise(len(y), model.C, model.img_size, seed)
     out = []
     for i in range(0, len(y), batch):
         yb = y[i:i + batch].to(device)
