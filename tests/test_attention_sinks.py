@@ -141,9 +141,7 @@ def test_bad_flags_exit_2():
     assert e.value.code == 2
 
 
-def test_smoke_run_writes_every_key(tmp_path, monkeypatch):
-    # Its own checkpoint folder: the session cache must stay empty for test_pretrain's first-run check.
-    monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+def test_smoke_run_writes_every_key(tmp_path):
     res = sinks.main(["--preset", "smoke", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ("bos_overlap", "sink_strength", "n_samples", "by_k", "by_layer", "seconds"):

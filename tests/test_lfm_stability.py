@@ -106,10 +106,7 @@ def test_bad_switches_are_one_line_errors(capsys):
     assert e.value.code == 2 and "switches" in capsys.readouterr().err
 
 
-def test_smoke_run_writes_every_key(tmp_path, monkeypatch):
-    # A cache of its own: the smoke run also trains common.pretrain's smoke model (the large model),
-    # which tests/test_pretrain.py expects to find untrained in the session's shared cache.
-    monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+def test_smoke_run_writes_every_key(tmp_path):
     res = lfm.main(["--preset", "smoke", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ("stability", "fd_by_fraction", "c2f", "fd_large_only", "c2f_best_speedup", "seconds"):
