@@ -6,14 +6,20 @@ A script declares one flat dataclass `Config(BaseConfig)` whose fields carry a h
 default without CUDA, minutes on a laptop) and `gpu` (the default with CUDA). `parse` turns that
 into an argparse CLI: preset values first, then any flag given on the command line.
 `cli(run, Config, PRESETS, argv)` is the whole `main` of a script: bad input (unknown option,
-preset or device, negative steps, CUDA requested without CUDA, a missing dataset) ends with a
-one-line `error: ...` and exit status 2, never a traceback.
+preset or device, negative steps, CUDA requested without CUDA, an --out that cannot be a folder, a
+missing dataset) ends with a one-line `python <script>: error: ...` and exit status 2, never a
+traceback, and every bound known before the work starts is checked before anything is written.
+
+From a notebook: `Config(preset="smoke", seed=3)` applies the preset of the module that defines
+`Config` (its `PRESETS` dict) to every field not given, and `run(cfg)` checks the config before it
+writes anything, exactly as the command line does.
 """
 
 import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -28,16 +34,34 @@ class UserError(Exception):
 
 def field(default, help: str, **kw):
     """A dataclass field with its --help text. Bounds checked by `parse`: ints >= 1 and floats
-    > 0 unless `min=` says otherwise (e.g. min=0); `choices=` restricts strings."""
+    > 0 unless `min=` says otherwise (e.g. min=0); `max=` (inclusive) or `below=` (exclusive) cap
+    numbers; `choices=` restricts strings; `shown=` is what --help prints for an empty default."""
     return dataclasses.field(default=default, metadata=dict(help=help, **kw))
 
 
 @dataclasses.dataclass
 class BaseConfig:
-    preset: str = field("cpu", "named preset: smoke (tests, seconds), cpu (minutes), gpu")
+    preset: str = field("cpu", "named preset: smoke (tests, seconds), cpu (the default without CUDA: minutes on a "
+                               "laptop CPU), gpu (the default with CUDA)", choices=("smoke", "cpu", "gpu"))
     seed: int = field(0, "seed of every random draw; the same seed gives the same results on CPU", min=0)
     device: str = field("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
-    out: str = field("", "run folder for config.json, results.json and figures (default outputs/<script>)")
+    out: str = field("", "run folder for config.json, results.json and figures", shown="outputs/<script>")
+
+    def __new__(cls, *args, **kwargs):
+        # Remember which fields the caller gave, so __post_init__ can fill the others from the preset.
+        self = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        object.__setattr__(self, "_given", set(names[:len(args)]) | set(kwargs))
+        return self
+
+    def __post_init__(self):
+        """Config(preset="smoke") means the smoke preset, as `--preset smoke` does: every field the
+        caller did not give takes the preset's value (from the defining module's PRESETS)."""
+        presets = getattr(sys.modules.get(type(self).__module__), "PRESETS", None)
+        if isinstance(presets, dict) and self.preset in presets:
+            for name, value in presets[self.preset].items():
+                if name not in self._given:
+                    setattr(self, name, value)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,27 +111,64 @@ def _check(cfg) -> None:
             raise UserError(f"{name} must be >= 1, got {val}")
         elif "min" not in f.metadata and isinstance(val, float) and not val > 0:
             raise UserError(f"{name} must be > 0, got {val}")
+        elif "max" in f.metadata and val > f.metadata["max"]:
+            raise UserError(f"{name} must be <= {f.metadata['max']}, got {val}")
+        elif "below" in f.metadata and not val < f.metadata["below"]:
+            raise UserError(f"{name} must be < {f.metadata['below']}, got {val}")
         choices = f.metadata.get("choices")
         if choices and val not in choices:
             raise UserError(f"{name} must be one of {', '.join(map(str, choices))}; got {val!r}")
     if hasattr(cfg, "validate"):  # constraints between fields, checked before any work starts
         cfg.validate()
+    if cfg.out:
+        check_out(Path(cfg.out))
+
+
+def check_out(out: Path) -> None:
+    """An --out that can never be a run folder is refused before any work: an existing file, a
+    path under a file, or a folder we may not write into."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose a folder for the run")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out} lies under the file {parent}; choose a folder for the run")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: no permission to write in {parent}")
+
+
+def _default_text(f, presets: dict) -> str:
+    """What --help says about a default: the value of every preset that changes it."""
+    def show(v):
+        if isinstance(v, bool):
+            return str(v).lower()
+        return f.metadata.get("shown", "none") if v == "" else str(v)
+
+    base = presets.get("cpu", {}).get(f.name, f.default)
+    others = [f"{p}: {show(v[f.name])}" for p, v in presets.items() if f.name in v and v[f.name] != base
+              and p != "cpu"]
+    return f"(default: {show(base)}" + (f"; {', '.join(others)}" if others else "") + ")"
 
 
 def parse(Config, presets: dict, argv=None, prog=None, description=None):
     """argv -> a validated Config instance (preset values, then explicit flags)."""
     p = _Parser(prog=prog, description=description,
-                epilog=f"presets: {', '.join(presets)} (a preset sets defaults; flags override them)")
+                epilog=f"presets: {', '.join(presets)}. A preset sets the defaults shown above (cpu's first, then "
+                       "any preset that differs); flags override them. The default preset is cpu without CUDA, gpu "
+                       "with it. Trained models are cached in checkpoints/ (or $CHECKPOINT_DIR).")
     for f in dataclasses.fields(Config):
         kind = f.type if isinstance(f.type, type) else type(f.default)
         flag = "--" + f.name.replace("_", "-")
-        text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")  # argparse formats help
+        text = (f.metadata.get("help", "") + " " + _default_text(f, presets)).replace("%", "%%")  # argparse formats
+        choices = f.metadata.get("choices")
+        if f.name == "preset":
+            choices = tuple(presets)
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else None
         if kind is bool:
-            p.add_argument(flag, type=_bool, default=argparse.SUPPRESS, metavar="{true,false}",
-                           help=text)
+            p.add_argument(flag, type=_bool, default=argparse.SUPPRESS, metavar="{true,false}", help=text)
         else:
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
-                           help=text)
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=metavar, help=text)
     given = vars(p.parse_args(argv))  # argparse itself exits 2 with one line on unknown options
     preset = given.get("preset", "cpu" if not torch.cuda.is_available() else "gpu")
     if preset not in presets:
@@ -130,15 +191,25 @@ def _bool(s: str) -> bool:
 
 
 def run_dir(cfg, script: str) -> Path:
-    """Create the run folder and write config.json into it."""
+    """Check the config (a notebook's `run(cfg)` gets the CLI's checks too), create the run folder
+    and write config.json into it. Every run(cfg) calls this before any work, so a refused config
+    never overwrites the config.json of an earlier run."""
+    _check(cfg)
     out = Path(cfg.out) if cfg.out else REPO / "outputs" / script
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    save_json(out / "config.json", dataclasses.asdict(cfg))
     return out
 
 
 def save_json(path: Path, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Write JSON atomically (temp file + rename): a crash never leaves half a results.json."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
 
 
 def print_table(rows: list[tuple], header: tuple = ("metric", "value")) -> None:
@@ -160,6 +231,6 @@ def cli(run, Config, presets: dict, argv=None, prog=None, description=None) -> d
     cfg = parse(Config, presets, argv, prog=prog, description=description)
     try:
         return run(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # the same one-line form as argparse's errors
+        print(f"{prog or os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -30,15 +30,16 @@ from common.train import EMA, load_or_train, make_optimizer, optimizer_step
 class Config(BaseConfig):
     dataset: str = field("shapes", "shapes (embedded, procedural) or mnist (IDX files in --data-root)",
                          choices=("shapes", "mnist"))
-    data_root: str = field("", "folder with the MNIST IDX files (default: data/mnist in the repository)")
+    data_root: str = field("", "folder with the MNIST IDX files (README: how to get them)", shown="data/mnist")
     size: int = field(16, "image side in pixels; 16 keeps a CPU run in minutes")
     model: str = field("s", "TinyDiT size preset (xs, s, m, l; see common/dit.py)", choices=tuple(SIZES))
     patch: int = field(4, "patch size P: 4 gives 16 tokens at 16 px, cheap on a CPU")
     steps: int = field(3000, "optimizer steps (about 250 s on 2 CPU cores at batch 64)")
     batch: int = field(64, "batch size; on a CPU more, smaller steps beat fewer large ones")
     lr: float = field(2e-3, "AdamW learning rate; high, because the model is tiny and the run short")
-    ema: float = field(0.999, "EMA decay of the weights we sample with (warmed up in common/train.py)")
-    p_uncond: float = field(0.1, "CFG dropout: share of labels replaced by the null label", min=0)
+    ema: float = field(0.999, "EMA decay of the weights we sample with (warmed up in common/train.py)", min=0,
+                       below=1)
+    p_uncond: float = field(0.1, "CFG dropout: share of labels replaced by the null label", min=0, below=1)
     time_sampler: str = field("logit_normal", "training-time distribution (SD3 uses logit_normal)",
                               choices=("uniform", "logit_normal"))
     n_train: int = field(20000, "training images (shapes are drawn once, then reused)")

@@ -64,7 +64,7 @@ def cfg_velocity(model, y: torch.Tensor, scale: float, null_label: int) -> Veloc
     return v
 
 
-# --- the SDE step of Flow-GRPO (PAPERS.md section 1), for RL --------------------------------
+# --- the SDE step of Flow-GRPO (Liu et al. 2025, arXiv 2505.05470), for RL ------------------
 
 
 def sde_std(t: torch.Tensor, t_next: torch.Tensor, a: float) -> torch.Tensor:

@@ -53,9 +53,9 @@ def test_cli_turns_user_errors_into_one_line(capsys):
         raise UserError("the dataset file is missing")
 
     with pytest.raises(SystemExit) as e:
-        cli(run, Cfg, PRESETS, ["--preset", "smoke"])
+        cli(run, Cfg, PRESETS, ["--preset", "smoke"], prog="prog")
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: the dataset file is missing"
+    assert capsys.readouterr().err.strip() == "prog: error: the dataset file is missing"
 
 
 def test_cuda_request_without_cuda_is_one_line(capsys):
@@ -102,3 +102,57 @@ def test_help_texts_may_contain_percent_signs(capsys):
     with pytest.raises(SystemExit) as e:
         parse(Cfg, {"cpu": {}}, ["--help"])
     assert e.value.code == 0 and "25% by default" in capsys.readouterr().out
+
+
+def test_constructor_applies_the_preset():
+    # Config(preset=...) from a notebook means what --preset means: given fields win
+    cfg = Cfg(preset="smoke", lr=0.3)
+    assert (cfg.steps, cfg.lr) == (2, 0.3)
+    assert Cfg(preset="smoke", steps=10).steps == 10  # an explicit value equal to the default still wins
+    assert Cfg(preset="gpu").steps == 100 and Cfg().steps == 10
+    assert dataclasses.replace(cfg, lr=0.5).steps == 2
+
+
+def test_bounds_max_and_below(capsys):
+    @dataclasses.dataclass
+    class Bounded(BaseConfig):
+        p: float = field(0.1, "a probability", min=0, below=1)
+        k: int = field(2, "a count", max=5)
+
+    assert parse(Bounded, PRESETS, ["--p", "0"]).p == 0
+    for argv, msg in ((["--p", "1"], "--p must be < 1"), (["--k", "6"], "--k must be <= 5")):
+        with pytest.raises(SystemExit):
+            parse(Bounded, PRESETS, argv)
+        assert msg in capsys.readouterr().err
+
+
+def test_unusable_out_is_refused_before_anything_is_written(tmp_path, capsys):
+    afile = tmp_path / "results.txt"
+    afile.write_text("keep me")
+    for out in (afile, afile / "sub"):
+        with pytest.raises(SystemExit) as e:
+            parse(Cfg, PRESETS, ["--out", str(out)])
+        assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert afile.read_text() == "keep me"
+
+
+def test_run_dir_checks_first_and_writes_json_atomically(tmp_path):
+    from common.config import run_dir, save_json
+
+    out = tmp_path / "run"
+    run_dir(Cfg(out=str(out)), "x")
+    before = (out / "config.json").read_text()
+    with pytest.raises(UserError, match="--mode"):
+        run_dir(Cfg(out=str(out), mode="z", seed=5), "x")  # refused: the old config.json stays
+    assert (out / "config.json").read_text() == before
+    save_json(out / "results.json", {"a": 1})
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_help_shows_choices_and_preset_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse(Cfg, PRESETS, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--mode {a,b}" in text and "--preset {smoke,cpu,gpu}" in text
+    assert "(default: 10; smoke: 2, gpu: 100)" in text  # the presets' values, not only the dataclass's
+    assert "(default: false)" in text and "(default: outputs/<script>)" in text and "(default: )" not in text

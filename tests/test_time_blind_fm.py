@@ -95,11 +95,11 @@ def test_same_seed_same_results_when_retrained(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cpu_preset_reproduces_the_claims(tmp_path):
-    """The issue's targets on the real cpu preset (minutes; run with `pytest -m slow`)."""
+    """The README's claims on the real cpu preset (minutes; run with `pytest -m slow`)."""
     res = tb.main(["--preset", "cpu", "--out", str(tmp_path)])
     assert -0.6 <= res["estimator_slope"] <= -0.4
     assert res["coupling_effect"] >= 2 * res["time_effect"]
-    # The learned gap share is flat here (13% / 11% / 13%, see README), so the issue's "32 px below
+    # The learned gap share is flat here (13% / 11% / 13%, see README), so a test of "32 px below
     # 8 px" would pass or fail on noise; we check the mechanism instead: reading t off x_t costs
     # less at 32 px than at 8 px (measured 3.3% vs 6.3%).
     plug = res["plugin_fraction_by_resolution"]
