@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
 # The real-data tests read MNIST's test files from $MNIST_DIR, else from data/mnist in the repository,
 # else from a sibling folder shared/data/mnist (where CI keeps its fixtures); they skip without them.
 REPO = Path(__file__).resolve().parents[1]
-MNIST_DIR = next((d for d in (Path(os.environ.get("MNIST_DIR", REPO / "data" / "mnist")), REPO.parent / "shared" / "data"
-                              / "mnist") if (d / "t10k-images-idx3-ubyte.gz").exists()), REPO / "data" / "mnist")
+_CANDIDATES = (Path(os.environ.get("MNIST_DIR", REPO / "data" / "mnist")), REPO.parent / "shared" / "data" / "mnist")
+MNIST_DIR = next((d for d in _CANDIDATES if (d / "t10k-images-idx3-ubyte.gz").exists()), _CANDIDATES[0])
 
 
 @pytest.fixture(autouse=True, scope="session")
