@@ -1,0 +1,149 @@
+"""One command reproduces every headline number: the base model, then every paper script.
+
+    python -m common.reproduce                     # cpu preset without CUDA (about an hour from nothing)
+    python -m common.reproduce --preset smoke      # seconds per script; what the tests run
+    python -m common.reproduce --only ram,attention_sinks
+
+Each step runs as its own process (`python <script> --preset P --out outputs/<script>`), so a
+failing script is reported and the next one still runs, and each runtime is that script alone.
+Scripts that cache trained models in checkpoints/ are run a second time ("warm") to time a rerun.
+Every `results.json` is collected into `outputs/summary.json` (all numbers, with each run's
+config) and `outputs/summary.md` (one row per claim: the paper's number, ours, whether it
+reproduced at this scale, and the runtimes). The README quotes `assets/summary.json`, a copy of
+the summary of the cpu run, and a test checks that every number it quotes is in there.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import REPO, BaseConfig, UserError, cli, field, run_dir, save_json
+
+# (name, command after `python`, caches trained models of its own: rerun warm)
+STEPS = (
+    ("pretrain", ["-m", "common.pretrain"], False),
+    ("ram", ["ram.py"], False),
+    ("attention_sinks", ["attention_sinks.py"], False),
+    ("time_blind_fm", ["time_blind_fm.py"], True),
+    ("lfm_stability", ["lfm_stability.py"], True),
+    ("forcing_kv", ["forcing_kv.py"], True),
+    ("forcing_kv_bench", ["forcing_kv.py", "--bench", "true"], False),
+)
+NAMES = tuple(name for name, _, _ in STEPS)
+
+
+@dataclasses.dataclass
+class Config(BaseConfig):
+    only: str = field("", "comma-separated steps to run (default: all, in this order: " + ", ".join(NAMES) + ")",
+                      shown="all")
+    warm: bool = field(True, "rerun the scripts that cache trained models, to time a warm run")
+
+    def validate(self):
+        unknown = [s for s in self.only.split(",") if s and s not in NAMES]
+        if unknown:
+            raise UserError(f"--only: unknown step(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+
+
+PRESETS = {"smoke": dict(), "cpu": dict(), "gpu": dict()}  # the preset is passed on to every script
+
+
+def run_step(name: str, args: list, cfg, out: Path, logs: Path) -> dict:
+    """Run one script as its own process; its output goes to logs/<name>.log. -> the run's record."""
+    folder = out / name
+    cmd = [sys.executable, *args, "--preset", cfg.preset, "--seed", str(cfg.seed), "--device", cfg.device,
+           "--out", str(folder)]
+    t0 = time.perf_counter()
+    with open(logs / f"{name}.log", "w") as log:
+        rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    seconds = round(time.perf_counter() - t0, 1)
+    record = dict(command="python " + " ".join(args + ["--preset", cfg.preset]), seconds=seconds,
+                  status="ok" if rc == 0 else f"failed (exit status {rc})")
+    try:
+        record["config"] = json.loads((folder / "config.json").read_text())
+        results_file = folder / ("bench.json" if "--bench" in args else "results.json")
+        record["results"] = json.loads(results_file.read_text())
+    except (OSError, ValueError) as e:
+        record["status"] = record["status"] if rc else f"failed ({type(e).__name__}: no readable results)"
+    if rc:
+        tail = (logs / f"{name}.log").read_text().strip().splitlines()[-1:] or [""]
+        record["error"] = tail[0][-300:]
+    return record
+
+
+def claim_rows(runs: dict) -> list:
+    """Every script's `claims` as one flat list, each row naming its script."""
+    return [dict(script=name, **c) for name, rec in runs.items() if not name.endswith("_warm")
+            for c in rec.get("results", {}).get("claims", [])]
+
+
+def fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return {True: "yes", False: "no", None: "-"}[v]
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def markdown(summary: dict) -> str:
+    runs = summary["runs"]
+    lines = [f"# Reproduction summary: `python -m common.reproduce --preset {summary['preset']}`", "",
+             f"{summary['machine']}; torch {summary['torch']}; device {summary['device']}; "
+             f"{summary['total_seconds']:,.0f} s in all.", "",
+             "| script | claim | paper | ours | test | reproduced here |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| `{c['script']}` | {c['claim']} | {c['paper']} | {fmt(c['ours'])} | {c['criterion']} | "
+              f"{fmt(c['reproduced'])} |" for c in summary["claims"]]
+    lines += ["", "| step | status | cold (s) | warm rerun (s) |", "| --- | --- | --- | --- |"]
+    for name, rec in runs.items():
+        if not name.endswith("_warm"):
+            warm = runs.get(f"{name}_warm", {}).get("seconds")
+            lines.append(f"| {name} | {rec['status']} | {fmt(rec['seconds'])} | {fmt(warm)} |")
+    lines += ["", "Cold: each script's own models trained, the base model and evaluator (the `pretrain` step) "
+              "already cached. Warm: everything cached."]
+    return "\n".join(lines) + "\n"
+
+
+def summary_keys(summary: dict) -> dict:
+    """The shape of a summary that must not depend on the preset: steps, and each script's claims."""
+    return dict(top=sorted(summary), runs=sorted(summary["runs"]),
+                claims=sorted(f"{c['script']}:{c['key']}" for c in summary["claims"]))
+
+
+def run(cfg: Config) -> dict:
+    out = run_dir(cfg, "")  # outputs/ by default: the scripts' own default folders sit inside it
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    chosen = [s for s in STEPS if not cfg.only or s[0] in cfg.only.split(",")]
+    plan = [(name, args) for name, args, _ in chosen] + [(f"{name}_warm", args) for name, args, warm in chosen
+                                                         if warm and cfg.warm]
+    t0, runs = time.perf_counter(), {}
+    for i, (name, args) in enumerate(plan, 1):
+        print(f"[{i}/{len(plan)}] {name}: python {' '.join(args)} --preset {cfg.preset} (log: {logs / name}.log)",
+              flush=True)
+        runs[name] = run_step(name, args, cfg, out, logs)
+        print(f"      {runs[name]['status']} in {runs[name]['seconds']:,.1f} s", flush=True)
+    summary = dict(preset=cfg.preset, seed=cfg.seed, device=cfg.device, torch=torch.__version__,
+                   machine=f"{platform.machine()}, {os.cpu_count()} CPU cores", total_seconds=round(
+                       time.perf_counter() - t0, 1), runs=runs, claims=claim_rows(runs))
+    save_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(markdown(summary))
+    print(markdown(summary))
+    print(f"wrote {out / 'summary.json'} and {out / 'summary.md'}")
+    failed = [n for n, r in runs.items() if r["status"] != "ok"]
+    if failed:
+        print(f"failed: {', '.join(failed)} (see their logs)", file=sys.stderr)
+    return summary
+
+
+def main(argv=None):
+    return cli(run, Config, PRESETS, argv, prog="python -m common.reproduce", description=__doc__.split("\n")[0])
+
+
+if __name__ == "__main__":
+    main()
