@@ -120,6 +120,7 @@ def _check(cfg) -> None:
             raise UserError(f"{name} must be one of {', '.join(map(str, choices))}; got {val!r}")
     if hasattr(cfg, "validate"):  # constraints between fields, checked before any work starts
         cfg.validate()
+    resolve_device(cfg.device)  # an unknown device, or CUDA without CUDA
     if cfg.out:
         check_out(Path(cfg.out))
 
