@@ -545,7 +545,7 @@ def run(cfg: Config) -> dict:
         by_layer=by_layer, multi_layer=dict(layers=list(multi), **effects[(multi, 1, "score", sel, rows)]),
         detection={k: v for k, v in detection.items() if k not in ("bos_overlap", "first_image_token_overlap",
                                                                      "measured_layers", "sink_strength")},
-        layer=layer, n_keys=n_keys, heads=H, cfg_scale=cfg.cfg_scale,
+        layer=layer, n_keys=n_keys, heads=H, cfg_scale=cfg.cfg_scale, sampling_runs=1 + len(cache),
         baseline_accuracy=base["correct"].mean().item(),
         tests=dict(family_size=len(tests), correction="Holm-Bonferroni over the DDelta and accuracy-change sign-flip "
                                                       "tests of every setting above (p_holm, align_p_holm)"),
