@@ -351,9 +351,9 @@ def make_claims(res: dict) -> list:
     """One entry per headline claim the run tests; `reproduced` is computed from the criterion."""
     claims = []
 
-    def add(claim, paper, key, criterion, ok, note):
+    def add(claim, paper, key, criterion, ok, note):  # ok None: the toy cannot test it (note says why)
         claims.append(dict(claim=claim, paper=paper, ours=lookup(res, key), key=key, criterion=criterion,
-                           reproduced=bool(ok), note=note))
+                           reproduced=None if ok is None else bool(ok), note=note))
 
     for k, paper in (("1", "LPIPS 0.347 vs 0.053 (6.5x); DDelta +0.295 [0.265, 0.323]"),
                      ("5", "LPIPS 0.436 vs 0.104 (4.2x); DDelta +0.332 [0.308, 0.358]")):
@@ -361,9 +361,12 @@ def make_claims(res: dict) -> list:
         if e is None:
             continue
         ok = e["shift_ratio"] is not None and e["shift_ratio"] >= 3 and e["ddelta"] > 0 and e["p_holm"] < 0.05
+        if e["keys_removed_share"] > 0.5:  # sink and random sets then share most keys: no test of the claim
+            ok = None
         add(f"removing the sinks (union protocol, k = {k}) shifts the image several times more than as many "
             "random keys", paper, f"by_selection.union.by_k.{k}.shift_ratio",
-            "shift ratio >= 3 and DDelta > 0 with Holm-adjusted p < 0.05", ok,
+            "shift ratio >= 3 and DDelta > 0 with Holm-adjusted p < 0.05 (testable while the budget removes at "
+            "most half the keys)", ok,
             f"feature distance {e['shift_sink']:.3f} vs {e['shift_random']:.3f}; removes "
             f"{e['keys_removed_share']:.0%} of the keys (SD3: {int(k) * SD3_HEADS / SD3_KEYS:.1%})")
     for sel, k, paper in (("per_head", "1", "CLIP-T 95% CI contains 0 (553 GenEval prompts, top-1 per head)"),
