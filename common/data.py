@@ -4,10 +4,12 @@ Shapes: circle / square / triangle x red / green / blue = 9 classes (label = 3 *
 random size and position, anti-aliased, on a black background; images in [-1, 1], (B, 3, S, S)
 with S = 16 by default (8, 32 and 64 also work). Deterministic for a seed. The attributes (shape,
 colour, centre, radius in pixels) come with the images for programmatic checks and rewards, and
-`render_shapes` draws any attributes, so a script can animate shapes (forcing_kv.py).
+`render_shapes` draws any attributes. `moving_shapes` animates them: videos of one or two shapes
+moving at constant velocity and bouncing off the frame's edges (forcing_kv.py).
 """
 
 import gzip
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -80,6 +82,36 @@ def shapes(n: int, size: int = 16, seed: int = 0) -> Dataset:
     names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
     attrs = dict(shape=shape, colour=colour, cx=cx, cy=cy, r=r)
     return Dataset(images, 3 * shape + colour, names, attrs)
+
+
+def fold(x, lo, hi):
+    """Reflect x into [lo, hi]: an object moving at constant velocity bouncing off two walls."""
+    span = hi - lo
+    y = torch.remainder(x - lo, 2 * span)
+    return lo + span - (y - span).abs()
+
+
+def moving_shapes(n: int, frames: int, size: int, g: torch.Generator):
+    """n videos (n, frames, 3, size, size) in [-1, 1] and labels (n,) = 3 * shape + colour.
+    One or two objects of one shape and colour per video (the identity a long rollout must keep),
+    each with its own radius, start and constant velocity, bouncing off the frame's edges."""
+    shape, colour = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    two = torch.rand(n, generator=g) < 0.5
+    r = size * (0.13 + 0.08 * torch.rand(n, 2, generator=g))  # (n, 2) pixels
+    lo, hi = 1.25 * r + 1, size - 1.25 * r - 1  # keep the triangle apex inside
+    start = lo[..., None] + (hi - lo)[..., None] * torch.rand(n, 2, 2, generator=g)  # (n, obj, xy)
+    angle = 2 * math.pi * torch.rand(n, 2, generator=g)
+    speed = size * (0.03 + 0.05 * torch.rand(n, 2, generator=g))  # 0.5-1.3 px per frame at 16 px
+    vel = speed[..., None] * torch.stack([angle.cos(), angle.sin()], -1)
+    f = torch.arange(frames, dtype=torch.float32)[:, None, None, None]  # (T, 1, 1, 1)
+    pos = fold(start + f * vel, lo[..., None], hi[..., None])  # (T, n, obj, xy)
+    video = -torch.ones(frames, n, 3, size, size)
+    for j in range(2):
+        for t in range(frames):
+            img = render_shapes(shape, colour, pos[t, :, j, 0], pos[t, :, j, 1], r[:, j], size)
+            keep = (two | (j == 0))[:, None, None, None]
+            video[t] = torch.where(keep, torch.maximum(video[t], img), video[t])
+    return video.transpose(0, 1).contiguous(), 3 * shape + colour
 
 
 # --- MNIST from the standard IDX files ---------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common.config import UserError
-from common.data import load, mnist, read_idx, render_shapes, shapes
+from common.data import load, mnist, moving_shapes, read_idx, render_shapes, shapes
 
 
 def test_shapes_deterministic_in_range_and_labelled():
@@ -64,3 +64,15 @@ def test_mnist_missing_and_corrupt_files(tmp_path):
         read_idx(tmp_path / "bad.gz")  # a valid gzip header over a broken deflate stream
     with pytest.raises(UserError, match="unknown dataset"):
         load("cifar", 1, 16, 0)
+
+
+def test_moving_shapes_are_deterministic_and_stay_in_frame():
+    a, ya = moving_shapes(6, 30, 16, torch.Generator().manual_seed(3))
+    b, yb = moving_shapes(6, 30, 16, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    lit = a.amax(2) > 0
+    assert lit.flatten(2).any(2).all()  # an object in every frame
+    edge = lit[..., 0, :].any() or lit[..., -1, :].any() or lit[..., :, 0].any() or lit[..., :, -1].any()
+    assert not edge  # bounces keep the shapes inside
+    moved = (a[:, 1:] - a[:, :-1]).abs().flatten(2).amax(2) > 0
+    assert moved.float().mean() > 0.9  # the objects really move from frame to frame
