@@ -3,53 +3,43 @@ Ji, Zhong, et al. (2026), arXiv 2605.09681. Official code: zju-jiyicheng/Forcing
 
 Claim reproduced
     In a chunk-wise autoregressive video DiT (Self Forcing / LongLive), attention heads split into
-    *static* heads that look at the last few frames and *dynamic* heads that look far back. Keep
-    only the sink + the most recent frame for static heads, and add a small buffer of the
-    most-changing (lowest key similarity) segments of the frames just evicted for dynamic heads: the
-    cache shrinks and generation speeds up, more so as frames get more tokens, the video nearly unchanged.
+    *static* heads that look at the last few frames and *dynamic* heads that look far back. Keep the
+    sink + the most recent frame for static heads, plus a small buffer of the most-changing (lowest
+    key similarity) segments of the frames just evicted for dynamic heads: the cache shrinks and
+    generation speeds up, more so as frames get more tokens, with the video nearly unchanged.
 
 Paper -> code
-    chunk-causal video DiT, rotary frame positions . `VideoDiT`, `rotary`, `teacher_forcing_mask`
+    chunk-causal video DiT, rotary frame index ..... `VideoDiT`, `rotary`, `teacher_forcing`
     teacher forcing on clean context ............... `train_video_model`
     Self Forcing rollout: S steps, then a clean pass  `rollout` (`rollout_reference`: no cache at all)
     Self Forcing's preallocated cache .............. `FullCache` (attends over the filled slice)
-    head score s = mass(last 4) / mass(frames [3:]) . `RecordingCache`, `calibrate`, `type_heads` (s >= 0.8)
+    head score s = mass(last 4) / mass([3:]) ....... `FullCache(record=True)`, `calibrate`, `type_heads`
     static heads: sink + 1 recent frame (+ chunk) .. `CompressedCache.commit` (layer 0 too, untyped)
-    dynamic heads: + lowest-similarity segments .... `segment_scores`, `CompressedCache.commit` (refilled
-                                                      every step from that step's evicted frames)
-    per-head variable-length attention .............. `attend` -> common/varlen_attention.py (reference,
-                                                      gather + SDPA per head group, fused Triton kernel)
+    dynamic heads: + lowest-similarity segments .... `segment_scores`, `CompressedCache.choose`
+    per-head variable-length attention .............. `CompressedCache.attend` -> common/varlen_attention.py
 
-The official budgets (configs/forcing-kv/*.yaml, wan/modules/causal_model_forcingkv.py), in frames of
-    N tokens: `sink_size: 1` (one frame), `spatial_context_length = temporal_context_length = 1`
-    (one recent frame), `dynamic_context_length: 1` (a buffer of one frame's worth of segments:
-    `sim_retention_ratio: 0.33` of the 3 frames evicted per step, cut into `num_frame_patch: 6`
-    segments each; ours: SEGMENTS = 4, the rows of a 16 px frame). Layer 0 is never head-grouped
-    and keeps the sink + the recent frame in every head. Heads are grouped after the clean pass of
-    AR step `ar_start: 1`, so the buffer is first filled when step 2 commits (AR_START).
-The official score geometry (configs_head/*.json, "naive_sink_3_thr08"): the attention mass of the
-    chunk's queries on the last LAST_FRAMES = 4 key frames over the mass on key frames [3:] (the
-    first chunk, sink included, left out: SKIP_FRAMES), recorded at AR step CALIB_STEP = 4 (15 key
-    frames: 12 cached + the chunk's 3). A head with no preference scores 4 / (15 - 3) = 0.33.
+The official budgets (configs/forcing-kv/*.yaml, wan/modules/causal_model_forcingkv.py), in frames
+    of N tokens: `sink_size: 1`; one recent frame (`spatial_context_length = temporal_context_length
+    = 1`); dynamic heads add one frame's worth of segments (`dynamic_context_length: 1`: 0.33 of the
+    3 frames evicted per step, each cut into `num_frame_patch: 6` segments; ours: SEGMENTS = 4),
+    refilled every step. Layer 0 is never head-grouped: it keeps the sink + the recent frame. Heads
+    are grouped after AR step `ar_start: 1` (AR_START), so the buffer first fills at step 2.
+The official score (configs_head/*.json, "naive_sink_3_thr08"): the chunk's attention mass on the
+    last 4 key frames over the mass on key frames [3:] (the first chunk left out), recorded at AR
+    step 4 with 15 key frames (12 cached + the chunk's 3): no preference scores 4 / (15 - 3) = 0.33.
+A model whose heads can specialise: 24-frame training clips, as long as its rollouts (Self Forcing:
+    21); rotary frame index (Wan); each chunk denoised against nearly clean earlier chunks.
 
-Conventions (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, target eps - x;
-    the paper (Self Forcing, Wan) uses the same direction. F frames per chunk, S Euler steps per
-    chunk, N tokens per frame, H heads, L layers.
+Conventions (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, target eps - x, as
+    in Self Forcing and Wan. F frames per chunk, S Euler steps, N tokens per frame, H heads, L layers.
 
-A model whose heads can specialise: it is trained on 24-frame clips, as long as the rollouts it
-    generates (Self Forcing trains on its 21-frame rollouts); its frame index is relative (rotary on
-    q and k, as Wan; positions inside a frame stay absolute); and every chunk is denoised against a
-    nearly clean copy of the earlier chunks (t <= CONTEXT_NOISE), the context it gets at generation.
-
-Deviations from the paper. Pixel-space moving shapes (16 px, patch 4) instead of Wan2.1 latents;
-    teacher forcing (CausVid) instead of Self Forcing / DMD distillation; 4 segments per frame
-    instead of 6; the segment choice is made per video (the official code scores batch element 0,
-    at batch 1) on layer-1 keys of the dynamic heads and shared by all layers, as the official code
-    does (layer 1 has no dynamic head: all its heads); the head score pools the S denoising steps of
-    AR step 4 over the calibration videos (*reconstructed*: which calls of that step the official
-    profile used). The official head_profile.py has SKIP_FIRST_K = 1 where the shipped head files
-    say [3:]; we follow the head files. The model is trained at 16 px only: the larger frame sizes
-    run the same weights on a larger token grid to measure cost (bytes, frames per second).
+Deviations. Pixel-space moving shapes (16 px, patch 4), not Wan2.1 latents; teacher forcing (CausVid),
+    not Self Forcing / DMD distillation; 4 segments per frame, not 6; segments chosen per video (the
+    official code: batch element 0, at batch 1), on layer-1 keys of its dynamic heads (all its heads
+    if none), shared by all layers, as the official code; the score pools the S denoising steps of AR
+    step 4 over the calibration videos (*reconstructed*: which calls the official profile used). The
+    official head_profile.py says SKIP_FIRST_K = 1 where the shipped head files say [3:]: we follow
+    the files. Trained at 16 px only: larger frames run the same weights to measure cost.
 
 Run
     python forcing_kv.py                     # cpu preset: training once (cached), then the measurements
@@ -88,7 +78,9 @@ SEGMENTS = 4  # segments per frame for the dynamic buffer (official num_frame_pa
 AR_START = 1  # heads are grouped after this AR step's clean pass (official `ar_start: 1`, Self Forcing)
 CALIB_STEP, SKIP_FRAMES, LAST_FRAMES = 4, 3, 4  # the official score: AR step 4, key frames [3:], last 4
 CONTEXT_NOISE = 0.1  # training context chunks sit at t ~ U(0, 0.1): nearly clean, as at generation
+RESTART = 0.25  # share of training chunks denoised without context: more first chunks (one per 24 frames)
 TIMING_REPEATS = 3  # frames per second: the best of 3 rollouts per cache
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the static share at each (the sweep rolls out 0.6-0.9)
 KINDS = {"layer0": 0, "static": 1, "dynamic": 2}  # layer 0 is untyped; it keeps what static heads keep
 
 
@@ -108,32 +100,24 @@ class Config(BaseConfig):
     threshold: float = field(0.8, "head score at or above which a head is static (the paper's 0.8)")
     recent: int = field(1, "most recent whole frames every compressed head keeps (official: 1)")
     buffer: int = field(1, "frames' worth of evicted segments each dynamic head keeps (official: 1)", min=0)
-    attention: str = field("auto", "compressed-cache attention: torch, triton (fused kernel) or auto (triton on "
-                           "CUDA when present, torch otherwise)", choices=("auto", "torch", "triton"))
-    bench: bool = field(False, "only benchmark one chunk-attention call (full SDPA, gather + SDPA, fused kernel) "
-                        "at several frame sizes and cache lengths; writes bench.json and fig_bench.png")
+    attention: str = field("auto", "compressed-cache attention: torch, triton (fused kernel), auto (triton on CUDA)",
+                           choices=("auto", "torch", "triton"))
+    bench: bool = field(False, "only benchmark one chunk-attention call (full, gather + SDPA, fused): bench.json")
 
     def validate(self):
-        for s in [self.size, *int_list(self.sizes, "--sizes", 8)]:
-            if s % (2 * PATCH):  # N = (s / 4)^2 tokens must split into SEGMENTS equal segments
-                raise UserError(f"frame sizes must be multiples of {2 * PATCH} (patch {PATCH}, {SEGMENTS} "
-                                f"segments per frame), got {s}")
-        calib = FRAMES_PER_CHUNK * (CALIB_STEP + 1)
-        if self.train_frames % FRAMES_PER_CHUNK or self.train_frames < calib:
-            raise UserError(f"--train-frames must be whole chunks of {FRAMES_PER_CHUNK} and at least the {calib} "
-                            f"frames of the calibration rollouts, got {self.train_frames}")
-        if self.chunks < 2:
-            raise UserError("--chunks must be >= 2: a cache needs a chunk to remember")
-        if self.recent > FRAMES_PER_CHUNK * self.chunks - 2:
-            raise UserError(f"--recent {self.recent}: sink + recent frames must leave something to evict in a "
-                            f"{FRAMES_PER_CHUNK * self.chunks}-frame rollout (at most {3 * self.chunks - 2})")
-        if self.buffer > FRAMES_PER_CHUNK:
-            raise UserError(f"--buffer {self.buffer}: the buffer is refilled from the {FRAMES_PER_CHUNK} frames "
-                            f"evicted per step, so at most {FRAMES_PER_CHUNK}")
-        if not 0 < self.threshold < 1:
-            raise UserError(f"--threshold must lie in (0, 1), got {self.threshold}")
-        if self.n_calib < 2 or self.sample_steps < 2:
-            raise UserError("--n-calib and --sample-steps must be >= 2: head stability compares pairs")
+        calib, total = FRAMES_PER_CHUNK * (CALIB_STEP + 1), FRAMES_PER_CHUNK * self.chunks
+        for bad, msg in [
+            (any(s % 8 for s in [self.size, *int_list(self.sizes, "--sizes", 8)]),
+             f"--size and --sizes must be multiples of 8 (patch {PATCH}, {SEGMENTS} segments per frame)"),
+            (self.train_frames % 3 or self.train_frames < calib,
+             f"--train-frames must be whole chunks of 3, at least the {calib} frames of a calibration rollout"),
+            (self.chunks < 2, "--chunks must be >= 2: a cache needs a chunk to remember"),
+            (self.recent > total - 2, f"--recent {self.recent} leaves nothing to evict: at most {total - 2}"),
+            (self.buffer > 3, f"--buffer {self.buffer}: it is refilled from the 3 frames evicted per step, so <= 3"),
+            (not 0 < self.threshold < 1, f"--threshold must lie in (0, 1), got {self.threshold}"),
+            (self.n_calib < 2 or self.sample_steps < 2, "--n-calib and --sample-steps must be >= 2 (pairs)")]:
+            if bad:
+                raise UserError(msg)
 
 
 PRESETS = {
@@ -147,40 +131,34 @@ PRESETS = {
 # %% model: a chunk-causal video DiT with rotary frame positions
 
 
-def rotary(frames: torch.Tensor, Dh: int):
-    """Rotary tables for integer frame indices (L,) -> cos, sin (L, Dh): channel pair i turns by
-    frames * 10000^(-2i/Dh), so q . k depends on the frame offset only (Wan's temporal RoPE)."""
-    ang = frames.float()[:, None] * 10000 ** (-torch.arange(0, Dh, 2, device=frames.device) / Dh)
-    return ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)
+def rotary(x, frames):
+    """x (B, H, L, Dh), frames (L,) the frame index of each token: channel pair i (a, b) turns by the
+    angle frames * 10000^(-2i/Dh), so q . k depends on the frame offset only (Wan's temporal RoPE)."""
+    ang = frames.float()[:, None] * 10000 ** (-torch.arange(0, x.shape[-1], 2, device=x.device) / x.shape[-1])
+    cos, sin = ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)  # (L, Dh)
+    return (x * cos + torch.stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2) * sin).to(x.dtype)
 
 
-def rotate(x, cos, sin):
-    """x (B, H, L, Dh): each channel pair (a, b) -> (a cos - b sin, b cos + a sin)."""
-    turned = torch.stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2)
-    return (x * cos + turned * sin).to(x.dtype)
-
-
-def teacher_forcing_mask(clean, noisy, N: int) -> torch.Tensor:
-    """Frame indices of a clean stream (Tc,) and a noisy one (Tn,) -> (L, L) bool, True = attend, over
-    [clean tokens; noisy tokens]. A clean frame sees the clean frames of its own and earlier chunks
-    (what the cache holds at generation); a noisy frame sees the clean frames of earlier chunks and
-    the noisy frames of its own chunk (the chunk being denoised)."""
+def teacher_forcing(clean, noisy, N: int, restart=None):
+    """An attention hook: SDPA over [clean tokens; noisy tokens] (frame indices (Tc,), (Tn,)) under the
+    teacher-forcing mask. A clean frame sees the clean frames of its own and earlier chunks (what the
+    cache holds at generation); a noisy frame, those of earlier chunks and its own chunk's noisy ones,
+    unless restart (B, noisy chunks) marks its chunk: then it sees no context, as a first chunk."""
     chunk = torch.cat([clean, noisy]) // FRAMES_PER_CHUNK
     is_clean = torch.arange(len(chunk), device=chunk.device) < len(clean)
     q, k, cq, ck = chunk[:, None], chunk[None, :], is_clean[:, None], is_clean[None, :]
-    mask = (ck & ((q > k) | (cq & (q == k)))) | (~cq & ~ck & (q == k))
-    return mask.repeat_interleave(N, 0).repeat_interleave(N, 1)
-
-
-def masked(mask):
-    """An attention hook: SDPA under a fixed mask (training, and the no-cache reference)."""
+    mask = (ck & ((q > k) | (cq & (q == k)))) | (~cq & ~ck & (q == k))  # (frames, frames)
+    if restart is not None:
+        alone = F.pad(restart[:, noisy // FRAMES_PER_CHUNK - noisy[0] // FRAMES_PER_CHUNK], (len(clean), 0))
+        mask = (mask & ~(alone[:, :, None] & ck))[:, None]  # (B, 1, frames, frames)
+    mask = mask.repeat_interleave(N, -2).repeat_interleave(N, -1)
     return lambda q, k, v, layer: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class VideoDiT(nn.Module):
-    """Frames -> patches + 2-D sin-cos positions; common/dit.py Blocks with a per-token condition
-    c = embed(t of the token's frame) + embed(label); q and k turned by the frame index (rotary)
-    before every attention call, which goes through `hook(q, k, v, layer)`: where a KV cache plugs in."""
+    """Frames -> patches + 2-D sin-cos positions; common/dit.py Blocks with a per-token condition c =
+    embed(t of its frame) + embed(label); every attention call, q and k turned by the frame index
+    (`rotary`), goes through `hook(q, k, v, layer)`: where a KV cache plugs in."""
 
     def __init__(self, width=96, depth=4, heads=4, n_classes=9, channels=3):
         super().__init__()
@@ -210,8 +188,8 @@ class VideoDiT(nn.Module):
         tok = tok + sincos_2d(S // PATCH, D).to(x.device)  # where in the frame (absolute)
         c = self.t_embed(timestep_embedding(t.flatten(), D)).view(B, T, 1, D) + self.y_embed(y)[:, None, None]
         h, c = tok.flatten(1, 2), c.expand(B, T, N, D).flatten(1, 2)  # (B, T N, D) both
-        cos, sin = rotary(frames.repeat_interleave(N), D // self.H)  # (T N, Dh): which frame (relative)
-        roped = lambda q, k, v, layer: hook(rotate(q, cos, sin), rotate(k, cos, sin), v, layer)
+        pos = frames.repeat_interleave(N)  # (T N,): which frame, seen by attention as an offset (rotary)
+        roped = lambda q, k, v, layer: hook(rotary(q, pos), rotary(k, pos), v, layer)
         for i, blk in enumerate(self.blocks):
             h = blk(h, c, roped, i)
         shift, scale = self.final_ada(c).chunk(2, -1)
@@ -225,13 +203,12 @@ def make_model(cfg) -> VideoDiT:
 
 
 def train_video_model(cfg, device) -> tuple[VideoDiT, dict]:
-    """Teacher forcing (CausVid's, Self Forcing's baseline) on whole clips in one pass: every chunk is
-    noised to its own logit-normal t and denoised against a nearly clean copy of the earlier chunks
-    (`teacher_forcing_mask`), so the context looks like generation's: clean frames written by the
-    clean pass. The copy of the last chunk is left out: nothing attends to it."""
+    """Teacher forcing (CausVid's; Self Forcing's baseline), whole clips in one pass: every chunk is noised
+    to its own logit-normal t and denoised against a nearly clean copy of the earlier chunks, the context
+    that generation's clean pass writes (`teacher_forcing`). No copy of the last chunk: nothing sees it."""
     model = make_model(cfg)
     key = dict(kind="forcing_kv", version=2, data_version=data_mod.VERSION, model_version=dit.VERSION,
-               context_noise=CONTEXT_NOISE,
+               context_noise=CONTEXT_NOISE, restart=RESTART,
                **{k: getattr(cfg, k) for k in ("size", "model", "train_frames", "steps", "batch", "lr", "seed")})
     T, ctx, n_chunks = cfg.train_frames, cfg.train_frames - FRAMES_PER_CHUNK, cfg.train_frames // FRAMES_PER_CHUNK
 
@@ -240,18 +217,19 @@ def train_video_model(cfg, device) -> tuple[VideoDiT, dict]:
         g = torch.Generator().manual_seed(cfg.seed)
         opt, ema = make_optimizer(model, cfg.lr), EMA(model, 0.999)
         clean, noisy = torch.arange(ctx, device=device), torch.arange(T, device=device)
-        mask = teacher_forcing_mask(clean, noisy, (cfg.size // PATCH) ** 2)
         bar = tqdm(range(cfg.steps), desc="video model", mininterval=2.0)
         for _ in bar:
             x, y = data_mod.moving_shapes(cfg.batch, T, cfg.size, g)
             t = torch.sigmoid(torch.randn(cfg.batch, n_chunks, generator=g))  # per-chunk logit-normal times
+            restart = torch.rand(cfg.batch, n_chunks, generator=g) < RESTART
             t_ctx = CONTEXT_NOISE * torch.rand(cfg.batch, n_chunks - 1, generator=g)  # the context: nearly clean
             t = torch.cat([t_ctx, t], 1).repeat_interleave(FRAMES_PER_CHUNK, 1)  # (B, ctx + T)
             x2 = torch.cat([x[:, :ctx], x], 1)  # [clean copy; the clip], (B, ctx + T, C, S, S)
             eps = torch.randn(x2.shape, generator=g)
             x2, y, t, eps = x2.to(device), y.to(device), t.to(device), eps.to(device)
             xt = interpolate(x2.flatten(0, 1), eps.flatten(0, 1), t.flatten()).view_as(x2)
-            v = model(xt, t, y, torch.cat([clean, noisy]), masked(mask))[:, ctx:]
+            hook = teacher_forcing(clean, noisy, (cfg.size // PATCH) ** 2, restart.to(device))
+            v = model(xt, t, y, torch.cat([clean, noisy]), hook)[:, ctx:]
             loss = (v - velocity_target(x2[:, ctx:], eps[:, ctx:])).pow(2).mean()
             optimizer_step(loss, model, opt, ema)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -261,28 +239,18 @@ def train_video_model(cfg, device) -> tuple[VideoDiT, dict]:
     return model.to(device).eval(), info
 
 
-# %% attention over a per-head, variable-length cache
-
-
-def attend(q, k_packed, v_packed, offsets, lengths, k_new, v_new, impl: str = "torch", groups=None):
-    """The one attention call of every compressed cache: `reference` (a loop over (b, h) pairs),
-    `torch` (gather + SDPA per group of equal-length heads, what the official code does) or
-    `triton` (the fused kernel); all three live in common/varlen_attention.py."""
-    if impl == "reference":
-        return varlen_attention_ref(q, k_packed, v_packed, offsets, lengths, k_new, v_new)
-    return varlen_attention(q, k_packed, v_packed, offsets, lengths, k_new, v_new, impl=impl, groups=groups)
-
-
 # %% KV caches: full, and compressed (window, Forcing-KV and its ablations)
 
 
 class FullCache:
-    """Self Forcing's cache: per layer one buffer (B, H, frames N, Dh), allocated at the first call in
-    the model's dtype. Each call writes the chunk's keys/values after the filled part (the clean
-    pass's stay) and attends over the filled slice: no copy of the cache, ever."""
+    """Self Forcing's cache: per layer one buffer (B, H, frames N, Dh) in the model's dtype. Each call
+    writes the chunk's keys/values after the filled part (the clean pass's stay) and attends over the
+    filled slice: no copy, ever. record=True: also keep the attention mass of the chunk's queries on
+    each key frame in the denoising steps of AR step CALIB_STEP, per (layer, head) (`calibrate`)."""
 
-    def __init__(self, depth: int, frames: int):
+    def __init__(self, depth: int, frames: int, record=False):
         self.k, self.v, self.capacity, self.filled, self.phase = [None] * depth, [None] * depth, frames, 0, -1
+        self.records = [] if record else None  # (layer, denoising step, mass (B, H, key frames))
 
     def write(self, k, v, layer):
         if self.k[layer] is None:
@@ -294,7 +262,13 @@ class FullCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def attend(self, q, k, v, layer):
-        return F.scaled_dot_product_attention(q, *self.write(k, v, layer))
+        K, V = self.write(k, v, layer)  # key frames: the cached ones and the chunk's own (Self Forcing)
+        if self.records is None or self.phase < 0 or self.filled != CALIB_STEP * k.shape[2]:
+            return F.scaled_dot_product_attention(q, K, V)
+        out, probs = attention_ref(q, K, V, return_probs=True)  # probs (B, H, Nq, keys)
+        N = q.shape[2] // FRAMES_PER_CHUNK
+        self.records.append((layer, self.phase, probs.sum(2).unflatten(-1, (-1, N)).sum(-1)))  # (B, H, frames)
+        return out
 
     def commit(self, new: dict, frame0: int):
         """The clean pass has written the chunk {layer: (k, v) (B, H, F N, Dh)}: keep it."""
@@ -304,98 +278,75 @@ class FullCache:
         return sum(t.nbytes for t in self.k + self.v if t is not None)
 
 
-class RecordingCache(FullCache):
-    """A full cache that also records, in the denoising steps of AR step CALIB_STEP, how much attention
-    mass the chunk's queries put on each key frame, per (layer, head): the head-typing calibration."""
-
-    def __init__(self, depth: int, frames: int):
-        super().__init__(depth, frames)
-        self.records = []  # (layer, denoising step, mass (B, H, key frames))
-
-    def attend(self, q, k, v, layer):
-        if self.phase < 0 or self.filled != CALIB_STEP * k.shape[2]:
-            return super().attend(q, k, v, layer)
-        K, V = self.write(k, v, layer)  # key frames: the cached ones and the chunk's own (Self Forcing)
-        out, probs = attention_ref(q, K, V, return_probs=True)  # probs (B, H, Nq, keys)
-        N = q.shape[2] // FRAMES_PER_CHUNK
-        self.records.append((layer, self.phase, probs.sum(2).unflatten(-1, (-1, N)).sum(-1)))  # (B, H, frames)
-        return out
-
-
 class CompressedCache:
     """A per-head, variable-length cache that really stores fewer tokens. Per head, whole frames:
         static (and layer 0)  the sink frame + the `recent` newest frames;
-        dynamic               the same + the buffer: `buffer` frames' worth of segments of the frames
-                              evicted at the last step, the lowest key similarity to the next frame.
-    Each layer is packed as common/varlen_attention.py documents (k, v (T, Dh) and offsets, lengths
-    (B, H)), one block per head kind: block (B, G, n, Dh) holds the runs of its G heads, [sink;
-    buffer; recent]. kinds: (L, H) ints of KINDS. select: which segments the buffer keeps -- 'low'
-    (Forcing-KV), 'high' or 'random' (ablations)."""
+        dynamic               the same + `buffer` frames' worth of segments of the frames evicted at
+                              the last step, those with the lowest key similarity to the next frame.
+    Packed per layer as common/varlen_attention.py documents, one block of runs [sink; buffer; recent]
+    per head kind. kinds: (L, H) ints of KINDS; select: 'low' (Forcing-KV), 'high' or 'random'."""
 
     def __init__(self, kinds, recent: int, buffer: int, select="low", sink=True, impl="torch", seed=0):
         self.kinds, self.recent, self.buffer, self.select, self.sink = kinds, recent, buffer, select, sink
-        self.impl = impl
-        self.g = torch.Generator().manual_seed(seed)  # the random-segments ablation only
-        self.layers = [None] * kinds.shape[0]  # per layer: kv (2, T, Dh), offsets, lengths, groups, blocks
-        self.phase, self.sel = -1, None  # (B, nb) the buffer's segments among this step's candidates
+        self.impl, self.g = impl, torch.Generator().manual_seed(seed)  # g: the random-segments ablation only
+        self.layers, self.phase, self.sel = [None] * kinds.shape[0], -1, None  # sel (B, nb): the buffer's segments
 
     def attend(self, q, k, v, layer):
+        """Over the cache and the chunk's own k, v: impl `reference` (a loop over (b, h) pairs), `torch`
+        (gather + SDPA per head group, as the official code) or `triton` (the fused kernel)."""
         c = self.layers[layer]
         if c is None:
             return F.scaled_dot_product_attention(q, k, v)
-        return attend(q, c["kv"][0], c["kv"][1], c["offsets"], c["lengths"], k, v, self.impl, c["groups"])
-
-    def cached(self, layer: int, b: int, h: int):
-        """The cached (k, v) of pair (b, h): (n, Dh) each (host-side lengths: no sync)."""
-        c = self.layers[layer]
-        s, n = int(c["host"][0][b, h]), int(c["host"][1][b, h])
-        return c["kv"][0, s:s + n], c["kv"][1, s:s + n]
+        if self.impl == "reference":
+            return varlen_attention_ref(q, *c["kv"], c["offsets"], c["lengths"], k, v)
+        return varlen_attention(q, *c["kv"], c["offsets"], c["lengths"], k, v, self.impl, c["groups"])
 
     def commit(self, new: dict, frame0: int):
-        """Write a chunk's clean keys/values {layer: (k, v) (B, H, F N, Dh)} and evict (step 2 and 3 of
-        the method). Per head kind: the stream = [old recent frames; the chunk] (the sink frame taken
-        out of the first chunk); the newest `recent` frames stay, the rest are this step's candidates,
-        from which dynamic heads refill their buffer. All lengths are known on the host."""
-        B, H, FN, Dh = new[0][0].shape
-        N, seg = FN // FRAMES_PER_CHUNK, FN // FRAMES_PER_CHUNK // SEGMENTS
-        refill = self.buffer > 0 and frame0 // FRAMES_PER_CHUNK > AR_START  # heads grouped after AR_START
-        self.sel = None
+        """Write a chunk's clean keys/values {layer: (k, v) (B, H, F N, Dh)} and evict (steps 2 and 3).
+        Per head kind, the stream [recent frames; the chunk] (the sink taken out of the first chunk):
+        its newest `recent` frames stay, the others are this step's candidates for the buffer."""
+        H, N = new[0][0].shape[1], new[0][0].shape[2] // FRAMES_PER_CHUNK
+        seg = N // SEGMENTS  # tokens per segment
+        refill, self.sel = self.buffer > 0 and frame0 // FRAMES_PER_CHUNK > AR_START, None  # grouped after AR_START
         for layer, (kn, vn) in new.items():
-            kv_new, old, kinds = torch.stack([kn, vn]), self.layers[layer], self.kinds[layer].tolist()
-            runs, blocks = [], []
-            for kind in sorted(set(kinds)):
+            kinds, old, blocks = self.kinds[layer].tolist(), self.layers[layer], []
+            for i, kind in enumerate(sorted(set(kinds))):  # the same blocks, in the same order, every step
                 heads = [h for h in range(H) if kinds[h] == kind]
-                fresh = kv_new[:, :, heads]  # (2, B, G, F N, Dh)
-                if old is None:
-                    sink, recent = fresh[..., :N if self.sink else 0, :], fresh[..., :0, :]
-                    fresh = fresh[..., sink.shape[-2]:, :]
+                fresh, n0 = torch.stack([kn, vn])[:, :, heads], N * self.sink  # (2, B, G, F N, Dh)
+                if old is None:  # the first chunk: its first frame is the sink
+                    sink, recent, fresh = fresh[..., :n0, :], fresh[..., :0, :], fresh[..., n0:, :]
                 else:
-                    start, n_sink, n_buf, n_rec = next(b[1:] for b in old["blocks"] if b[0] == heads)
-                    run = old["kv"][:, start:start + B * len(heads) * (n_sink + n_buf + n_rec)]
-                    run = run.view(2, B, len(heads), -1, Dh)
+                    _, run, n_sink, n_buf = old["blocks"][i]  # run (2, B, G, n, Dh)
                     sink, recent = run[..., :n_sink, :], run[..., n_sink + n_buf:, :]
                 stream = torch.cat([recent, fresh], -2)  # oldest first
-                n_cand = max(0, stream.shape[-2] - self.recent * N)  # the frames evicted at this step
+                n_cand = max(0, stream.shape[-2] - self.recent * N)  # tokens of the frames evicted now
                 buf = stream[..., :0, :]
                 if refill and n_cand and (kind == KINDS["dynamic"] or KINDS["dynamic"] not in kinds):
                     if layer == 1:  # scored once, on layer 1, shared by every layer (as the official code)
                         self.sel = self.choose(stream[0][..., :n_cand + N, :], N, min(self.buffer * N, n_cand) // seg)
                     if kind == KINDS["dynamic"] and self.sel is not None:
                         cand = stream[..., :n_cand, :].unflatten(-2, (-1, seg))  # (2, B, G, segments, seg, Dh)
-                        idx = self.sel[None, :, None, :, None, None]
-                        buf = cand.take_along_dim(idx.to(cand.device), dim=3).flatten(-3, -2)
-                runs.append(torch.cat([sink, buf, stream[..., n_cand:, :]], -2))  # (2, B, G, n, Dh)
-                blocks.append((heads, sum(r[0].numel() for r in runs[:-1]) // Dh, sink.shape[-2], buf.shape[-2],
-                               stream.shape[-2] - n_cand))
-            offsets, lengths = torch.zeros(B, H, dtype=torch.int32), torch.zeros(B, H, dtype=torch.int32)
-            for heads, start, *parts in blocks:  # runs of a block are (b, head)-major, back to back
-                n, G = sum(parts), len(heads)
-                offsets[:, heads] = (start + (torch.arange(B)[:, None] * G + torch.arange(G)) * n).int()
-                lengths[:, heads] = n
-            dev = kn.device
-            self.layers[layer] = dict(kv=torch.cat([r.flatten(1, 3) for r in runs], 1), blocks=blocks,
-                                      offsets=offsets.to(dev), lengths=lengths.to(dev), host=(offsets, lengths),
-                                      groups=varlen_groups(offsets, lengths, dev) if self.impl == "torch" else None)
+                        buf = cand.take_along_dim(self.sel[None, :, None, :, None, None], 3).flatten(-3, -2)
+                run = torch.cat([sink, buf, stream[..., n_cand:, :]], -2)  # (2, B, G, n, Dh)
+                blocks.append((heads, run, sink.shape[-2], buf.shape[-2]))
+            self.pack(layer, blocks, kn.device)
+
+    def pack(self, layer: int, blocks: list, device):
+        """blocks [(heads, runs (2, B, G, n, Dh), sink and buffer lengths)] -> the layer's packed k, v (2, T,
+        Dh), runs (b, head)-major and back to back; offsets, lengths (B, H) int32 on the device (the
+        kernel) and on the host (the grouped path's layout): no host sync at any attention call."""
+        kv, H = torch.cat([run.flatten(1, 3) for _, run, *_ in blocks], 1), self.kinds.shape[1]
+        B, start, views = blocks[0][1].shape[1], 0, []
+        offsets, lengths = torch.zeros(B, H, dtype=torch.int32), torch.zeros(B, H, dtype=torch.int32)
+        for heads, run, *parts in blocks:
+            _, _, G, n, Dh = run.shape
+            offsets[:, heads] = start + n * torch.arange(B * G, dtype=torch.int32).view(B, G)
+            lengths[:, heads] = n
+            views.append((heads, kv[:, start:start + B * G * n].view(2, B, G, n, Dh), *parts))
+            start += B * G * n
+        self.layers[layer] = dict(kv=kv, blocks=views, offsets=offsets.to(device), lengths=lengths.to(device),
+                                  host=(offsets, lengths),
+                                  groups=varlen_groups(offsets, lengths, device) if self.impl == "torch" else None)
 
     def choose(self, chain, N: int, nb: int):
         """chain (B, G, (f + 1) N, Dh): layer-1 keys of the f candidate frames and the frame after them.
@@ -458,7 +409,7 @@ def rollout_reference(model, y, noise, steps: int):
     grid, video, N = torch.linspace(1, 0, steps + 1), noise[:, :0], (noise.shape[-1] // PATCH) ** 2
     for c0 in range(0, T, FRAMES_PER_CHUNK):
         x, frames = noise[:, c0:c0 + FRAMES_PER_CHUNK], torch.arange(c0 + FRAMES_PER_CHUNK)
-        hook = masked(teacher_forcing_mask(frames[:c0], frames[c0:], N))
+        hook = teacher_forcing(frames[:c0], frames[c0:], N)
         for t, t_next in zip(grid[:-1], grid[1:]):
             times = torch.cat([torch.zeros(B, c0), t.expand(B, FRAMES_PER_CHUNK)], 1).to(x)
             x = x + (t_next - t) * model(torch.cat([video, x], 1), times, y, frames, hook)[:, c0:]
@@ -472,11 +423,10 @@ def rollout_reference(model, y, noise, steps: int):
 def calibrate(model, cfg, device):
     """Full-cache calibration rollouts up to AR step CALIB_STEP. -> scores (L, H) pooled over videos
     and denoising steps, and per video (n, L, H) and per step (S, L, H) for the stability check."""
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    T = FRAMES_PER_CHUNK * (CALIB_STEP + 1)
+    g, T = torch.Generator().manual_seed(cfg.seed + 1), FRAMES_PER_CHUNK * (CALIB_STEP + 1)
     y = torch.randint(0, 9, (cfg.n_calib,), generator=g)
     noise = torch.randn(cfg.n_calib, T, 3, cfg.size, cfg.size, generator=g)
-    cache = RecordingCache(model.depth, T)
+    cache = FullCache(model.depth, T, record=True)
     rollout(model, cache, y.to(device), noise.to(device), cfg.sample_steps)
     mass = torch.zeros(model.depth, cfg.sample_steps, cfg.n_calib, model.H, T)
     for layer, step, m in cache.records:
@@ -494,8 +444,7 @@ def type_heads(score, threshold: float):
 
 
 def label_agreement(scores, threshold: float) -> float:
-    """scores (n, L, H) over n draws: the mean share of draws that give a head (layers >= 1) the label
-    most draws give it. 1 = labels never change (also trivially when all heads sit on one side)."""
+    """scores (n, L, H) over n draws: the mean share that give a head (layers >= 1) its majority label."""
     static = (scores[:, 1:] >= threshold).float().mean(0)
     return torch.maximum(static, 1 - static).mean().item()
 
@@ -505,10 +454,8 @@ def rank_corr(scores) -> float:
     heads' (layers >= 1) scores between two draws, averaged over all pairs. 1 = every draw orders the
     heads the same way; about 0 = the order is noise."""
     r = scores[:, 1:].flatten(1).argsort(1).argsort(1).float()  # (n, heads) ranks
-    r = r - r.mean(1, keepdim=True)
-    r = r / r.norm(dim=1, keepdim=True)
-    n = r.shape[0]
-    return (((r @ r.T).sum() - n) / (n * (n - 1))).item()
+    r = (r - r.mean(1, keepdim=True)) / (r - r.mean(1, keepdim=True)).norm(dim=1, keepdim=True)
+    return (((r @ r.T).sum() - len(r)) / (len(r) * (len(r) - 1))).item()  # the off-diagonal mean
 
 
 def make_caches(cfg, kinds, depth: int, frames: int, impl: str) -> dict:
@@ -516,9 +463,9 @@ def make_caches(cfg, kinds, depth: int, frames: int, impl: str) -> dict:
     every head, W chosen so that it keeps at least as many tokens as Forcing-KV."""
     dyn = (kinds[1:] == KINDS["dynamic"]).float().mean().item()
     window = math.ceil(cfg.recent + cfg.buffer * dyn)
-    shuffled = kinds.clone()
-    g = torch.Generator().manual_seed(cfg.seed + 2)
-    shuffled[1:] = kinds[1:].flatten()[torch.randperm(kinds[1:].numel(), generator=g)].view_as(kinds[1:])
+    g, shuffled = torch.Generator().manual_seed(cfg.seed + 2), kinds.clone()
+    while torch.equal(shuffled, kinds) and len(kinds[1:].unique()) > 1:  # the same static share, another split
+        shuffled[1:] = kinds[1:].flatten()[torch.randperm(kinds[1:].numel(), generator=g)].view_as(kinds[1:])
 
     def compressed(k, recent=cfg.recent, buffer=cfg.buffer, **kw):
         return lambda: CompressedCache(k, recent, buffer, impl=impl, seed=cfg.seed, **kw)
@@ -533,55 +480,20 @@ def make_caches(cfg, kinds, depth: int, frames: int, impl: str) -> dict:
 # %% measurements
 
 
-def video_stats(video):
-    """video (B, T, C, S, S) in [-1, 1] -> lit mask (B, T, S, S), centroid (B, T, 2) in frame sides,
-    mean colour of the lit pixels (B, T, 3) in [0, 1], and the lit area (B, T) in frame areas."""
-    lit = video.amax(2) > 0  # the background is black: a lit pixel belongs to an object
-    w = lit.float()
-    coords = (torch.arange(video.shape[-1]) + 0.5) / video.shape[-1]
-    area = w.sum((2, 3)).clamp(min=1)
-    centroid = torch.stack([(w.sum(2) * coords).sum(2), (w.sum(3) * coords).sum(2)], -1) / area[..., None]
-    colour = ((video + 1) / 2 * w[:, :, None]).sum((3, 4)) / area[..., None]
-    return lit, centroid, colour, w.mean((2, 3))
-
-
-def compare(video, ref) -> dict:
-    """Quality of a rollout against the full-cache rollout from the same noise."""
-    mse = (video - ref).pow(2).flatten(1).mean(1)
-    _, c, col, _ = video_stats(video)
-    _, c_ref, _, _ = video_stats(ref)
-    step = (video[:, 1:] - video[:, :-1]).abs().flatten(2).mean(2)  # (B, T-1) frame-to-frame change
-    boundary = step[:, FRAMES_PER_CHUNK - 1::FRAMES_PER_CHUNK]  # transitions from one chunk into the next
-    return dict(psnr=(10 * torch.log10(4 / mse.clamp(min=1e-12))).mean().item(),  # range 2 ([-1, 1])
-                traj_err=(c - c_ref).norm(dim=-1).mean().item(),  # in frame sides
-                drift=(col - col[:, :1]).norm(dim=-1).mean().item(),  # colour distance to frame 0
-                discontinuity=(boundary.amax(1) / step.mean(1)).mean().item())
-
-
-def full_quality(video) -> dict:
-    """The gate before any cache comparison: does the full-cache video keep its object?"""
-    _, _, col, area = video_stats(video)
-    dominant = col.argmax(-1)  # (B, T)
-    first, last = area[:, :FRAMES_PER_CHUNK].mean(), area[:, -FRAMES_PER_CHUNK:].mean()
-    return dict(colour_kept=(dominant == dominant[:, :1]).float().mean().item(),
-                area_drift=((last - first) / first).item())
-
-
 def eval_inputs(cfg, size: int, n: int, device):
     """Labels (n,) and the rollout noise (n, T, C, size, size): the same for every cache."""
     g = torch.Generator().manual_seed(cfg.seed + 3)
-    y = torch.randint(0, 9, (n,), generator=g)
-    return y.to(device), torch.randn(n, cfg.chunks * FRAMES_PER_CHUNK, 3, size, size, generator=g).to(device)
+    return (torch.randint(0, 9, (n,), generator=g).to(device),
+            torch.randn(n, cfg.chunks * FRAMES_PER_CHUNK, 3, size, size, generator=g).to(device))
 
 
 def measure_size(model, cfg, kinds, size: int, impl: str, device, n_videos: int) -> tuple[dict, dict]:
-    """Every cache at one frame size, from identical noise: quality against the full cache, bytes at
-    the end, frames per second after a warm-up (the best of TIMING_REPEATS rollouts, taken in turn,
-    because on a shared machine other work only ever slows a rollout down). -> (metrics, videos)."""
+    """Every cache at one frame size, same noise: quality against the full cache, bytes at the end, frames
+    per second after a warm-up (best of TIMING_REPEATS rollouts in turn: other work only slows one)."""
     y, noise = eval_inputs(cfg, size, n_videos, device)
-    T = noise.shape[1]
-    caches = make_caches(cfg, kinds, model.depth, T, impl)
+    caches, T = make_caches(cfg, kinds, model.depth, noise.shape[1], impl), noise.shape[1]
     rows, videos, seconds = {}, {}, {name: [] for name in caches}
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     bar = tqdm(total=len(caches) * (1 + TIMING_REPEATS * cfg.chunks), desc=f"caches at {size}px", leave=False)
     for name, make in caches.items():
         warm = FullCache(model.depth, FRAMES_PER_CHUNK) if name == "full" else make()
@@ -589,19 +501,17 @@ def measure_size(model, cfg, kinds, size: int, impl: str, device, n_videos: int)
     for _ in range(TIMING_REPEATS):
         for name, make in caches.items():
             cache = make()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             video = rollout(model, cache, y, noise, cfg.sample_steps, bar)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             seconds[name].append(time.perf_counter() - t0)
             videos[name], rows[name] = video.cpu(), dict(cache_bytes=cache.nbytes())  # the same each time
     bar.close()
     for name in caches:
-        q = compare(videos[name], videos["full"])
+        q = data_mod.compare_videos(videos[name], videos["full"], FRAMES_PER_CHUNK)
         if name == "full":
-            q.update(psnr=None, traj_err=0.0)  # the reference itself
+            q["psnr"] = None  # the reference itself
         rows[name] = {**q, **rows[name], "fps": n_videos * T / min(seconds[name])}
     return rows, videos
 
@@ -615,35 +525,39 @@ def threshold_sweep(model, cfg, score, full_video, full_bytes: int, impl, device
         cache = make_caches(cfg, kinds, model.depth, noise.shape[1], impl)["forcing_kv"]()
         video = rollout(model, cache, y, noise, cfg.sample_steps).cpu()
         rows[str(thr)] = dict(static_fraction=(kinds[1:] == KINDS["static"]).float().mean().item(),
-                              psnr=compare(video, full_video)["psnr"], memory_ratio=cache.nbytes() / full_bytes)
+                              psnr=data_mod.compare_videos(video, full_video)["psnr"],
+                              memory_ratio=cache.nbytes() / full_bytes)
     return rows
 
 
+CLAIMS = [  # claim; the paper's number; key of ours in results.json; criterion, decided in code; note
+    ("a share of heads is static (s >= 0.8)", "about 40% (37-43% in the shipped head files)", "static_fraction",
+     "0.15 <= {v} <= 0.85", "layers >= 1, scored at AR step 4 with the official geometry"),
+    ("head scores are stable across samples", "stable (no number)", "head_score_rank_corr.samples", "{v} >= 0.8",
+     "Spearman correlation of the heads' scores between two calibration videos, mean over pairs"),
+    ("head scores are stable across denoising steps", "stable (no number)", "head_score_rank_corr.steps",
+     "{v} >= 0.8", "the same between two of the denoising steps"),
+    ("the cache shrinks", "0.7x (30% less memory)", "memory_ratio_max", "{v} <= 0.7",
+     "bytes after the rollout over the preallocated full cache's, the largest over frame sizes"),
+    ("generation is faster at the largest frame", "1.35-1.5x at 480p", "speedup_by_size.{big}", "{v} >= 1.3",
+     "frames per second over the preallocated full cache's, at the largest frame size"),
+    ("the speed-up grows with tokens per frame", "1.5x at 480p, 2.82x at 1080p", "speedup_growth_min", "{v} > 1",
+     "the smallest ratio of the speed-ups at two consecutive frame sizes"),
+    ("quality kept: beats a window of at least its bytes", "VBench 84.41 -> 84.60", "psnr_gain_over_window_db",
+     "{v} >= 0", "PSNR (dB) to the full-cache video, at the training frame size"),
+    ("lowest-similarity segments are the ones to keep", "the method's choice", "segment_choice_gain_db", "{v} > 0",
+     "PSNR (dB) over the better of random and highest-similarity segments"),
+]
+
+
 def claims(res: dict) -> list:
-    """The paper's headline claims that this run tests, each decided by its criterion on a stored number."""
-    big = max(res["speedup_by_size"], key=int)
-    table = [  # (claim, the paper's number, key in results.json, criterion on {v})
-        ("a share of heads is static (s >= 0.8)", "about 40% (37-43% in the shipped head files)",
-         "static_fraction", "0.15 <= {v} <= 0.85"),
-        ("head scores are stable across samples", "stable (no number)", "head_score_rank_corr.samples", "{v} >= 0.8"),
-        ("head scores are stable across denoising steps", "stable (no number)", "head_score_rank_corr.steps",
-         "{v} >= 0.8"),
-        ("the cache shrinks", "0.7x (30% less memory)", "memory_ratio_max", "{v} <= 0.7"),
-        ("generation speeds up at the largest frame", "1.35-1.5x at 480p", f"speedup_by_size.{big}", "{v} >= 1.3"),
-        ("the speed-up grows with tokens per frame", "1.5x at 480p -> 2.82x at 1080p", "speedup_growth_min",
-         "{v} > 1"),
-        ("quality kept: better than a window of the same bytes (PSNR vs full, dB)", "VBench 84.41 -> 84.60",
-         "psnr_gain_over_window_db", "{v} >= 0"),
-        ("lowest-similarity segments beat random and highest (PSNR, dB)", "the method's choice",
-         "segment_choice_gain_db", "{v} > 0"),
-    ]
-    out = []
-    for claim, paper, key, crit in table:
-        v = res
+    out, big = [], max(res["speedup_by_size"], key=int)
+    for claim, paper, key, crit, note in CLAIMS:
+        key, v = key.format(big=big), res
         for part in key.split("."):
             v = v[part]
         out.append(dict(claim=claim, paper=paper, ours=v, key=key, criterion=crit.format(v=key),
-                        reproduced=bool(eval(crit.format(v=repr(v)))), note=f"cpu preset toy, {res['device']}"))
+                        reproduced=bool(eval(crit.format(v=repr(v)))), note=note))
     return out
 
 
@@ -654,8 +568,7 @@ def figures(out, cfg, videos, score, kinds, res):
     order = ("full", "window", "forcing_kv")
     frames = torch.cat([videos[name][i] for i in range(min(2, cfg.n_videos)) for name in order])
     save_image_panels([(" / ".join(order) + ", video 1 then 2", frames)], out / "fig_filmstrip.png",
-                      nrow=cfg.chunks * FRAMES_PER_CHUNK,
-                      title=f"same noise, {cfg.chunks} chunks of {FRAMES_PER_CHUNK} frames at {cfg.size}px")
+                      nrow=cfg.chunks * FRAMES_PER_CHUNK, title=f"same noise, {cfg.chunks} chunks at {cfg.size}px")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     ax1.hist(score[1:].flatten().numpy(), bins=20, range=(0, 1), color="grey")
     ax1.axvline(cfg.threshold, color="k", ls="--", lw=1, label=f"threshold {cfg.threshold}")
@@ -664,97 +577,75 @@ def figures(out, cfg, videos, score, kinds, res):
             title=f"head scores at AR step {CALIB_STEP}")
     ax1.legend(fontsize=7)
     ax2.imshow(score.numpy(), vmin=0, vmax=1, cmap="coolwarm_r")
-    for (l, h), k in zip(torch.cartesian_prod(torch.arange(score.shape[0]), torch.arange(score.shape[1])).tolist(),
-                         kinds.flatten().tolist()):
+    for (l, h), k in zip(torch.cartesian_prod(*map(torch.arange, score.shape)).tolist(), kinds.flatten().tolist()):
         ax2.text(h, l, f"{'LSD'[k]}\n{score[l, h]:.2f}", ha="center", va="center", fontsize=7)
     ax2.set(xlabel="head", ylabel="layer", title="L layer 0 (untyped), S static, D dynamic")
     fig.tight_layout()
     fig.savefig(out / "fig_head_types.png", dpi=120)
     plt.close(fig)
-    sizes = sorted(int(s) for s in res["by_size"])
-    tokens, curves = [(s // PATCH) ** 2 for s in sizes], {}
-    for name in ("forcing_kv", "window"):
-        rows = [res["by_size"][str(s)] for s in sizes]
-        curves[f"speed-up, {name} / full"] = (tokens, [r[name]["fps"] / r["full"]["fps"] for r in rows])
-        curves[f"memory, {name} / full"] = (tokens, [r[name]["cache_bytes"] / r["full"]["cache_bytes"] for r in rows])
+    sizes = sorted(res["by_size"], key=int)
+    tokens, rows = [(int(s) // PATCH) ** 2 for s in sizes], [res["by_size"][s] for s in sizes]
+    curves = {f"{what}, {name} / full": (tokens, [r[name][key] / r["full"][key] for r in rows])
+              for name in ("forcing_kv", "window") for what, key in (("speed-up", "fps"), ("memory", "cache_bytes"))}
     save_curves(curves, out / "fig_scaling.png", "tokens per frame", "ratio to the full cache",
-                f"after {cfg.chunks * FRAMES_PER_CHUNK} frames (sizes {', '.join(map(str, sizes))} px)", logx=True)
+                f"after {cfg.chunks * FRAMES_PER_CHUNK} frames (sizes {', '.join(sizes)} px)", logx=True)
 
 
 # %% run
 
 
 def run(cfg: Config) -> dict:
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
+    t0, device = time.perf_counter(), resolve_device(cfg.device)
     impl = resolve_impl(cfg.attention, device)
     out = run_dir(cfg, "forcing_kv")
     if cfg.bench:  # the kernel benchmark (common/varlen_attention.py); no model needed
-        res = run_bench(out, device)
-        print_table([(r["size"], r["cache_frames"], r["kept_fraction"], r["ms_full_sdpa"], r["ms_gather_sdpa"],
-                      r.get("ms_fused", "skipped"), r.get("fused_TFLOPs", "-")) for r in res["rows"]],
-                    ("frame", "cache frames", "kept", "ms full SDPA", "ms gather+SDPA", "ms fused", "fused TFLOP/s"))
-        print(f"{res['device']}: {res['fused_note']}\nwrote {out}/bench.json and fig_bench.png")
-        return res
+        return run_bench(out, device)
     model, info = train_video_model(cfg, device)
     score, per_sample, per_step = calibrate(model, cfg, device)
     kinds = type_heads(score, cfg.threshold)
-    by_size, videos = {}, None
+    by_size, videos = {}, {}
     for size in sorted(set(int_list(cfg.sizes, "--sizes", 8)) | {cfg.size}):
         # Quality is measured at --size, where the model was trained; the larger sizes measure cost,
         # and two videos are enough for bytes and frames per second.
-        n = cfg.n_videos if size == cfg.size else min(2, cfg.n_videos)
-        by_size[str(size)], v = measure_size(model, cfg, kinds, size, impl, device, n)
-        videos = v if size == cfg.size else videos
-    rows = by_size[str(cfg.size)]
+        by_size[str(size)], videos[size] = measure_size(model, cfg, kinds, size, impl, device,
+                                                        cfg.n_videos if size == cfg.size else min(2, cfg.n_videos))
+    videos, q = videos[cfg.size], by_size[str(cfg.size)]  # q: the quality rows
     speedup = {s: r["forcing_kv"]["fps"] / r["full"]["fps"] for s, r in by_size.items()}
     memory = {s: r["forcing_kv"]["cache_bytes"] / r["full"]["cache_bytes"] for s, r in by_size.items()}
-    ordered = [speedup[s] for s in sorted(speedup, key=int)]
+    ordered, psnr = [speedup[s] for s in sorted(speedup, key=int)], {name: r["psnr"] for name, r in q.items()}
     res = dict(
         static_fraction=(kinds[1:] == KINDS["static"]).float().mean().item(),
-        static_fraction_by_threshold={f"{thr:.1f}": (score[1:] >= thr).float().mean().item()
-                                      for thr in torch.arange(0.3, 0.95, 0.1).tolist()},
+        static_fraction_by_threshold={f"{x:.1f}": (score[1:] >= x - 1e-9).float().mean().item() for x in THRESHOLDS},
         score_uniform_reference=LAST_FRAMES / (FRAMES_PER_CHUNK * (CALIB_STEP + 1) - SKIP_FRAMES),
-        score_geometry=dict(ar_step=CALIB_STEP, key_frames=FRAMES_PER_CHUNK * (CALIB_STEP + 1),
-                            skipped=SKIP_FRAMES, last=LAST_FRAMES),
         head_score_rank_corr=dict(samples=rank_corr(per_sample), steps=rank_corr(per_step)),
         head_label_agreement=dict(samples=label_agreement(per_sample, cfg.threshold),
                                   steps=label_agreement(per_step, cfg.threshold)),
         head_scores=score.tolist(), head_types=[["LSD"[k] for k in row] for row in kinds.tolist()],
-        threshold_sweep=threshold_sweep(model, cfg, score, videos["full"], rows["full"]["cache_bytes"], impl, device),
-        full_quality=full_quality(videos["full"]),
+        threshold_sweep=threshold_sweep(model, cfg, score, videos["full"], q["full"]["cache_bytes"], impl, device),
+        full_quality=data_mod.object_kept(videos["full"], FRAMES_PER_CHUNK),  # the gate for what follows
         by_size=by_size, speedup_by_size=speedup, memory_ratio_by_size=memory, memory_ratio_max=max(memory.values()),
-        speedup_growth_min=min(b / a for a, b in zip(ordered[:-1], ordered[1:])) if len(ordered) > 1 else 1.0,
-        window_memory_over_forcing_kv=rows["window"]["cache_bytes"] / rows["forcing_kv"]["cache_bytes"],
-        psnr_gain_over_window_db=rows["forcing_kv"]["psnr"] - rows["window"]["psnr"],
-        segment_choice_gain_db=rows["forcing_kv"]["psnr"] - max(rows[k]["psnr"] for k in ("random_segments",
-                                                                                          "high_similarity")),
-        attention=impl, device=str(device),
-        train_seconds=0.0 if info["cached"] else round(info["train_seconds"], 1),
+        speedup_growth_min=min([b / a for a, b in zip(ordered[:-1], ordered[1:])], default=1.0),
+        window_memory_over_forcing_kv=q["window"]["cache_bytes"] / q["forcing_kv"]["cache_bytes"],
+        psnr_gain_over_window_db=psnr["forcing_kv"] - psnr["window"],
+        segment_choice_gain_db=psnr["forcing_kv"] - max(psnr["random_segments"], psnr["high_similarity"]),
+        attention=impl, device=str(device), train_seconds=0.0 if info["cached"] else round(info["train_seconds"], 1),
         model_train_seconds=round(info["train_seconds"], 1),
-        metric_note="psnr, traj_err (centroid distance in frame sides) against the full-cache video from the same "
-                    "noise; drift: colour distance of the lit pixels to frame 0; discontinuity: largest change at a "
-                    "chunk boundary over the mean frame-to-frame change; sizes above --size are cost measurements "
-                    "(the model is trained at --size only)",
-    )
+        metric_note="psnr, traj_err, drift, discontinuity: common/data.py compare_videos, against the full-cache "
+                    "video from the same noise; sizes above --size measure cost (the model is trained at --size)")
     res["claims"] = claims(res)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     save_json(out / "results.json", res)
     figures(out, cfg, videos, score, kinds, res)
-    print_table([(f"{s}px {name}", r["psnr"] if r["psnr"] is not None else "ref", r["traj_err"], r["drift"],
-                  r["discontinuity"], r["cache_bytes"] / rows_["full"]["cache_bytes"], r["fps"])
-                 for s, rows_ in by_size.items() for name, r in rows_.items()],
+    print_table([(f"{s}px {name}", "ref" if r["psnr"] is None else r["psnr"], r["traj_err"], r["drift"],
+                  r["discontinuity"], r["cache_bytes"] / rows["full"]["cache_bytes"], r["fps"])
+                 for s, rows in by_size.items() for name, r in rows.items()],
                 ("cache", "PSNR", "traj err", "drift", "discont.", "memory", "fps"))
-    print()
-    print_table([(c["claim"], c["paper"], c["ours"], c["criterion"], c["reproduced"]) for c in res["claims"]],
-                ("claim", "paper", "ours", "criterion", "reproduced"))
-    print()
-    print_table([("head scores (layers >= 1) min / max", f"{score[1:].min():.2f} / {score[1:].max():.2f} (no "
-                                                         f"preference: {res['score_uniform_reference']:.2f})"),
-                 ("full cache: colour kept / area drift", f"{res['full_quality']['colour_kept']:.3f} / "
-                                                          f"{res['full_quality']['area_drift']:.3f}"),
-                 ("train seconds (this run)", res["train_seconds"]), ("seconds", res["seconds"])])
-    print(f"wrote {out}/results.json and figures")
+    fq = res["full_quality"]
+    print_table([(c["claim"], c["paper"], c["ours"], c["criterion"], c["reproduced"]) for c in res["claims"]] + [
+        ("full-cache gate: colour kept, area drift", "", f"{fq['colour_kept']:.3f}, {fq['area_drift']:.3f}",
+         ">= 0.95, |.| <= 0.3", fq["colour_kept"] >= 0.95 and abs(fq["area_drift"]) <= 0.3)],
+        ("claim", "paper", "ours", "criterion", "reproduced"))
+    print(f"{res['seconds']} s (training: {res['train_seconds']} s); wrote {out}/results.json and figures")
     return res
 
 

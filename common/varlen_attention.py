@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.config import UserError
+from common.config import UserError, print_table
 from common.dit import attention_ref
 
 try:  # the fused path is optional: CUDA builds of torch ship triton, CPU-only installs may not
@@ -308,7 +308,7 @@ def plot_bench(result: dict, path) -> None:
 
 
 def run_bench(out_dir, device, sizes=None, cache_frames=(8, 16, 24)) -> dict:
-    """What `forcing_kv.py --bench` calls: bench, then <out_dir>/bench.json and fig_bench.png."""
+    """What `forcing_kv.py --bench` calls: bench, then <out_dir>/bench.json, fig_bench.png and a table."""
     device = torch.device(device)
     sizes = sizes or (GPU_SIZES if device.type == "cuda" else TINY_SIZES)
     result = bench(device, sizes, cache_frames)
@@ -316,4 +316,8 @@ def run_bench(out_dir, device, sizes=None, cache_frames=(8, 16, 24)) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_bench(result, out / "fig_bench.png")
+    print_table([(r["size"], r["cache_frames"], r["kept_fraction"], r["ms_full_sdpa"], r["ms_gather_sdpa"],
+                  r.get("ms_fused", "skipped"), r.get("fused_TFLOPs", "-")) for r in result["rows"]],
+                ("frame", "cache frames", "kept", "ms full SDPA", "ms gather+SDPA", "ms fused", "fused TFLOP/s"))
+    print(f"{result['device']}: {result['fused_note']}\nwrote {out}/bench.json and fig_bench.png")
     return result
