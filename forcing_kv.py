@@ -140,10 +140,9 @@ def rotary(x, frames):
 
 
 def teacher_forcing(clean, noisy, N: int, restart=None):
-    """An attention hook: SDPA over [clean tokens; noisy tokens] (frame indices (Tc,), (Tn,)) under the
-    teacher-forcing mask. A clean frame sees the clean frames of its own and earlier chunks (what the
-    cache holds at generation); a noisy frame, those of earlier chunks and its own chunk's noisy ones,
-    unless restart (B, noisy chunks) marks its chunk: then it sees no context, as a first chunk."""
+    """An attention hook: SDPA over [clean; noisy] tokens (frame indices (Tc,), (Tn,)). A clean frame sees the
+    clean frames of its own and earlier chunks (the cache at generation); a noisy frame, those of earlier
+    chunks and its own chunk's noisy ones -- none of the context if restart (B, chunks) marks its chunk."""
     chunk = torch.cat([clean, noisy]) // FRAMES_PER_CHUNK
     is_clean = torch.arange(len(chunk), device=chunk.device) < len(clean)
     q, k, cq, ck = chunk[:, None], chunk[None, :], is_clean[:, None], is_clean[None, :]
@@ -156,9 +155,8 @@ def teacher_forcing(clean, noisy, N: int, restart=None):
 
 
 class VideoDiT(nn.Module):
-    """Frames -> patches + 2-D sin-cos positions; common/dit.py Blocks with a per-token condition c =
-    embed(t of its frame) + embed(label); every attention call, q and k turned by the frame index
-    (`rotary`), goes through `hook(q, k, v, layer)`: where a KV cache plugs in."""
+    """Patches + 2-D sin-cos positions; common/dit.py Blocks, condition c = embed(t of the frame) + embed(label)
+    per token; every attention call (q, k turned by `rotary`) goes through `hook`: where a cache plugs in."""
 
     def __init__(self, width=96, depth=4, heads=4, n_classes=9, channels=3):
         super().__init__()
@@ -349,8 +347,7 @@ class CompressedCache:
                                   groups=varlen_groups(offsets, lengths, device) if self.impl == "torch" else None)
 
     def choose(self, chain, N: int, nb: int):
-        """chain (B, G, (f + 1) N, Dh): layer-1 keys of the f candidate frames and the frame after them.
-        -> (B, nb) the segments (of f * SEGMENTS) the buffer keeps, oldest first."""
+        """chain (B, G, (f + 1) N, Dh): layer-1 keys of f candidate frames and the next -> (B, nb) kept segments."""
         score = segment_scores(chain, N)
         if self.select == "random":
             score = torch.rand(score.shape, generator=self.g).to(score.device)
@@ -363,9 +360,8 @@ class CompressedCache:
 
 
 def segment_scores(chain, N: int):
-    """chain (B, G, (f + 1) N, Dh): keys of f frames and of the frame after them. -> (B, f SEGMENTS):
-    the mean cosine similarity of each segment's keys (over all G heads) to the same positions one
-    frame later. Low similarity = the region changed (the moving object): what dynamic heads keep."""
+    """chain (B, G, (f + 1) N, Dh): keys of f frames and the next -> (B, f SEGMENTS): each segment's mean
+    cosine similarity (keys of all G heads) to the same tokens one frame later. Low = it moved."""
     k = rearrange(chain, "b g (f n) d -> b f n (g d)", n=N)
     sim = F.cosine_similarity(k[:, :-1], k[:, 1:], dim=-1)  # (B, f, N)
     return sim.unflatten(2, (SEGMENTS, -1)).mean(-1).flatten(1)
@@ -450,19 +446,18 @@ def label_agreement(scores, threshold: float) -> float:
 
 
 def rank_corr(scores) -> float:
-    """scores (n, L, H) over n draws (videos or denoising steps): Spearman's correlation of the typed
-    heads' (layers >= 1) scores between two draws, averaged over all pairs. 1 = every draw orders the
-    heads the same way; about 0 = the order is noise."""
+    """scores (n, L, H) over n draws (videos or steps): Spearman's correlation of the typed heads' scores
+    between two draws, mean over pairs. 1 = every draw orders the heads alike; about 0 = noise."""
     r = scores[:, 1:].flatten(1).argsort(1).argsort(1).float()  # (n, heads) ranks
     r = (r - r.mean(1, keepdim=True)) / (r - r.mean(1, keepdim=True)).norm(dim=1, keepdim=True)
     return (((r @ r.T).sum() - len(r)) / (len(r) * (len(r) - 1))).item()  # the off-diagonal mean
 
 
 def make_caches(cfg, kinds, depth: int, frames: int, impl: str) -> dict:
-    """Every cache compared, from one set of head types. The window keeps sink + W recent frames in
-    every head, W chosen so that it keeps at least as many tokens as Forcing-KV."""
+    """Every cache compared, from one set of head types. The window keeps sink + W recent frames in every
+    head, W the fewest that hold Forcing-KV's tokens; no_buffer keeps only what static heads keep."""
     dyn = (kinds[1:] == KINDS["dynamic"]).float().mean().item()
-    window = math.ceil(cfg.recent + cfg.buffer * dyn)
+    window, static = math.ceil(cfg.recent + cfg.buffer * dyn), torch.full_like(kinds, KINDS["static"])
     g, shuffled = torch.Generator().manual_seed(cfg.seed + 2), kinds.clone()
     while torch.equal(shuffled, kinds) and len(kinds[1:].unique()) > 1:  # the same static share, another split
         shuffled[1:] = kinds[1:].flatten()[torch.randperm(kinds[1:].numel(), generator=g)].view_as(kinds[1:])
@@ -471,7 +466,7 @@ def make_caches(cfg, kinds, depth: int, frames: int, impl: str) -> dict:
         return lambda: CompressedCache(k, recent, buffer, impl=impl, seed=cfg.seed, **kw)
 
     return {"full": lambda: FullCache(depth, frames),
-            "window": compressed(torch.full_like(kinds, KINDS["static"]), recent=window, buffer=0),
+            "window": compressed(static, recent=window, buffer=0), "no_buffer": compressed(static, buffer=0),
             "forcing_kv": compressed(kinds), "random_heads": compressed(shuffled),
             "random_segments": compressed(kinds, select="random"), "high_similarity": compressed(kinds, select="high"),
             "no_sink": compressed(kinds, recent=cfg.recent + 1, sink=False)}  # the same budget, no sink
@@ -604,9 +599,7 @@ def run(cfg: Config) -> dict:
     score, per_sample, per_step = calibrate(model, cfg, device)
     kinds = type_heads(score, cfg.threshold)
     by_size, videos = {}, {}
-    for size in sorted(set(int_list(cfg.sizes, "--sizes", 8)) | {cfg.size}):
-        # Quality is measured at --size, where the model was trained; the larger sizes measure cost,
-        # and two videos are enough for bytes and frames per second.
+    for size in sorted(set(int_list(cfg.sizes, "--sizes", 8)) | {cfg.size}):  # other sizes: cost, 2 videos
         by_size[str(size)], videos[size] = measure_size(model, cfg, kinds, size, impl, device,
                                                         cfg.n_videos if size == cfg.size else min(2, cfg.n_videos))
     videos, q = videos[cfg.size], by_size[str(cfg.size)]  # q: the quality rows

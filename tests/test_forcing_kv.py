@@ -79,6 +79,27 @@ def test_teacher_forcing_pass_equals_chunk_by_chunk_reference(model):
             assert torch.allclose(v[:, c0:c0 + F_], ref, atol=1e-5)
 
 
+def test_a_restarted_chunk_is_denoised_like_a_first_chunk(model):
+    """Training chunks marked `restart` see no context: exactly what a first chunk (or a chunk run
+    alone) sees, whatever its frame index; the others keep theirs."""
+    y, x = inputs(chunks=3)
+    T, ctx, N = x.shape[1], x.shape[1] - F_, 4
+    t = torch.rand(2, T, generator=torch.Generator().manual_seed(2))
+    restart = torch.tensor([[False, True, False], [False, False, True]])
+    clean, noisy = torch.arange(ctx), torch.arange(T)
+    with torch.no_grad():
+        v = model(torch.cat([x[:, :ctx], x], 1), torch.cat([torch.zeros(2, ctx), t], 1), y, torch.cat([clean, noisy]),
+                  fk.teacher_forcing(clean, noisy, N, restart))[:, ctx:]
+        plain = model(torch.cat([x[:, :ctx], x], 1), torch.cat([torch.zeros(2, ctx), t], 1), y,
+                      torch.cat([clean, noisy]), fk.teacher_forcing(clean, noisy, N))[:, ctx:]
+        for b, c in ((0, 1), (1, 2)):
+            f = slice(F_ * c, F_ * c + F_)
+            frames = torch.arange(F_ * c, F_ * c + F_)
+            alone = model(x[b:b + 1, f], t[b:b + 1, f], y[b:b + 1], frames, fk.teacher_forcing(frames[:0], frames, N))
+            assert torch.allclose(v[b, f], alone[0], atol=1e-5) and not torch.allclose(v[b, f], plain[b, f], atol=1e-3)
+    assert torch.allclose(v[0, 2 * F_:], plain[0, 2 * F_:], atol=1e-5)  # chunk 2 of video 0 keeps its context
+
+
 def test_rotary_makes_attention_depend_on_frame_offsets_only():
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     score = lambda fq, fk_: (fk.rotary(q, torch.tensor([fq])) * fk.rotary(k, torch.tensor([fk_]))).sum()
@@ -210,12 +231,15 @@ def test_make_caches_window_holds_at_least_forcing_kvs_tokens(model):
     y, noise = inputs(chunks=4)
     caches = fk.make_caches(fk.Config(), KINDS, model.depth, noise.shape[1], "torch")
     bytes_ = {}
-    for name in ("forcing_kv", "window", "no_sink", "random_heads"):
+    for name in ("forcing_kv", "window", "no_buffer", "no_sink", "random_heads"):
         cache = caches[name]()
         out = fk.rollout(model, cache, y, noise, steps=1)
         assert out.shape == noise.shape and torch.isfinite(out).all()
         bytes_[name] = cache.nbytes()
-    assert bytes_["window"] >= bytes_["forcing_kv"] == bytes_["random_heads"]
+    assert bytes_["window"] >= bytes_["forcing_kv"] == bytes_["random_heads"] > bytes_["no_buffer"]
+    shuffled = caches["random_heads"]().kinds
+    assert not torch.equal(shuffled, KINDS) and torch.equal(shuffled[0], KINDS[0])  # another split, layer 0 kept
+    assert (shuffled == STATIC).sum() == (KINDS == STATIC).sum()  # with the same static share
 
 
 # %% head typing
@@ -261,7 +285,7 @@ def test_smoke_run_writes_the_keys(tmp_path):
         assert key in saved and key in res
     assert set(saved["by_size"]) == {"8", "16"} and set(saved["head_score_rank_corr"]) == {"samples", "steps"}
     for rows in saved["by_size"].values():
-        assert {"full", "window", "forcing_kv", "random_heads", "random_segments", "high_similarity",
+        assert {"full", "window", "no_buffer", "forcing_kv", "random_heads", "random_segments", "high_similarity",
                 "no_sink"} <= set(rows)
         for name, r in rows.items():
             assert r["cache_bytes"] > 0 and r["fps"] > 0 and math.isfinite(r["drift"])
