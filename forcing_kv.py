@@ -483,8 +483,8 @@ def eval_inputs(cfg, size: int, n: int, device):
 
 
 def measure_size(model, cfg, kinds, size: int, impl: str, device, n_videos: int) -> tuple[dict, dict]:
-    """Every cache at one frame size, same noise: quality against the full cache, bytes at the end, frames
-    per second after a warm-up (best of TIMING_REPEATS rollouts in turn: other work only slows one)."""
+    """Every cache at one size, same noise: quality against the full cache; bytes at the end and frames per
+    second after a warm-up (best of TIMING_REPEATS in turn: other work only slows one), also over full's."""
     y, noise = eval_inputs(cfg, size, n_videos, device)
     caches, T = make_caches(cfg, kinds, model.depth, noise.shape[1], impl), noise.shape[1]
     rows, videos, seconds = {}, {}, {name: [] for name in caches}
@@ -507,7 +507,8 @@ def measure_size(model, cfg, kinds, size: int, impl: str, device, n_videos: int)
         q = data_mod.compare_videos(videos[name], videos["full"], FRAMES_PER_CHUNK)
         if name == "full":
             q["psnr"] = None  # the reference itself
-        rows[name] = {**q, **rows[name], "fps": n_videos * T / min(seconds[name])}
+        rows[name] = {**q, **rows[name], "fps": n_videos * T / min(seconds[name]), "speedup": min(seconds["full"])
+                      / min(seconds[name]), "memory_ratio": rows[name]["cache_bytes"] / rows["full"]["cache_bytes"]}
     return rows, videos
 
 
@@ -603,8 +604,7 @@ def run(cfg: Config) -> dict:
         by_size[str(size)], videos[size] = measure_size(model, cfg, kinds, size, impl, device,
                                                         cfg.n_videos if size == cfg.size else min(2, cfg.n_videos))
     videos, q = videos[cfg.size], by_size[str(cfg.size)]  # q: the quality rows
-    speedup = {s: r["forcing_kv"]["fps"] / r["full"]["fps"] for s, r in by_size.items()}
-    memory = {s: r["forcing_kv"]["cache_bytes"] / r["full"]["cache_bytes"] for s, r in by_size.items()}
+    speedup, memory = ({s: r["forcing_kv"][key] for s, r in by_size.items()} for key in ("speedup", "memory_ratio"))
     ordered, psnr = [speedup[s] for s in sorted(speedup, key=int)], {name: r["psnr"] for name, r in q.items()}
     res = dict(
         static_fraction=(kinds[1:] == KINDS["static"]).float().mean().item(),
