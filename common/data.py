@@ -4,10 +4,14 @@ Shapes: circle / square / triangle x red / green / blue = 9 classes (label = 3 *
 random size and position, anti-aliased, on a black background; images in [-1, 1], (B, 3, S, S)
 with S = 16 by default (8, 32 and 64 also work). Deterministic for a seed. The attributes (shape,
 colour, centre, radius in pixels) come with the images for programmatic checks and rewards, and
-`render_shapes` draws any attributes, so a script can animate shapes (forcing_kv.py).
+`render_shapes` draws any attributes. `moving_shapes` animates them: videos of one or two shapes
+moving at constant velocity and bouncing off the frame's edges (forcing_kv.py); `video_stats`
+measures where the objects are, their colour and size, back from the pixels; `compare_videos` and
+`object_kept` are the quality checks built on it.
 """
 
 import gzip
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -80,6 +84,71 @@ def shapes(n: int, size: int = 16, seed: int = 0) -> Dataset:
     names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
     attrs = dict(shape=shape, colour=colour, cx=cx, cy=cy, r=r)
     return Dataset(images, 3 * shape + colour, names, attrs)
+
+
+def fold(x, lo, hi):
+    """Reflect x into [lo, hi]: an object moving at constant velocity bouncing off two walls."""
+    span = hi - lo
+    y = torch.remainder(x - lo, 2 * span)
+    return lo + span - (y - span).abs()
+
+
+def moving_shapes(n: int, frames: int, size: int, g: torch.Generator):
+    """n videos (n, frames, 3, size, size) in [-1, 1] and labels (n,) = 3 * shape + colour.
+    One or two objects of one shape and colour per video (the identity a long rollout must keep),
+    each with its own radius, start and constant velocity, bouncing off the frame's edges."""
+    shape, colour = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    two = torch.rand(n, generator=g) < 0.5
+    r = size * (0.13 + 0.08 * torch.rand(n, 2, generator=g))  # (n, 2) pixels
+    lo, hi = 1.25 * r + 1, size - 1.25 * r - 1  # keep the triangle apex inside
+    start = lo[..., None] + (hi - lo)[..., None] * torch.rand(n, 2, 2, generator=g)  # (n, obj, xy)
+    angle = 2 * math.pi * torch.rand(n, 2, generator=g)
+    speed = size * (0.03 + 0.05 * torch.rand(n, 2, generator=g))  # 0.5-1.3 px per frame at 16 px
+    vel = speed[..., None] * torch.stack([angle.cos(), angle.sin()], -1)
+    f = torch.arange(frames, dtype=torch.float32)[:, None, None, None]  # (T, 1, 1, 1)
+    pos = fold(start + f * vel, lo[..., None], hi[..., None])  # (T, n, obj, xy)
+    video = -torch.ones(frames, n, 3, size, size)
+    for j in range(2):
+        for t in range(frames):
+            img = render_shapes(shape, colour, pos[t, :, j, 0], pos[t, :, j, 1], r[:, j], size)
+            keep = (two | (j == 0))[:, None, None, None]
+            video[t] = torch.where(keep, torch.maximum(video[t], img), video[t])
+    return video.transpose(0, 1).contiguous(), 3 * shape + colour
+
+
+def video_stats(video):
+    """Measured from the pixels of shapes videos (B, T, 3, S, S) in [-1, 1]: the objects' centroid
+    (B, T, 2) in frame sides, the mean colour of their pixels (B, T, 3) in [0, 1], and their area
+    (B, T) in frame areas. The background is black, so a lit pixel belongs to an object."""
+    w = (video.amax(2) > 0).float()  # (B, T, S, S)
+    coords = (torch.arange(video.shape[-1]) + 0.5) / video.shape[-1]
+    area = w.sum((2, 3)).clamp(min=1)
+    centroid = torch.stack([(w.sum(2) * coords).sum(2), (w.sum(3) * coords).sum(2)], -1) / area[..., None]
+    colour = ((video + 1) / 2 * w[:, :, None]).sum((3, 4)) / area[..., None]
+    return centroid, colour, w.mean((2, 3))
+
+
+def compare_videos(video, ref, chunk: int = 1) -> dict:
+    """A video (B, T, 3, S, S) against a reference from the same noise: PSNR (dB, range [-1, 1]),
+    trajectory error (centroid distance, frame sides), colour drift to frame 0, and discontinuity:
+    the largest frame-to-frame change at a boundary between chunks of `chunk` frames over the mean."""
+    mse = (video - ref).pow(2).flatten(1).mean(1)
+    (c, col, _), c_ref = video_stats(video), video_stats(ref)[0]
+    step = (video[:, 1:] - video[:, :-1]).abs().flatten(2).mean(2)  # (B, T-1) frame-to-frame change
+    boundary = step[:, chunk - 1::chunk]  # transitions from one chunk into the next
+    return dict(psnr=(10 * torch.log10(4 / mse.clamp(min=1e-12))).mean().item(),
+                traj_err=(c - c_ref).norm(dim=-1).mean().item(), drift=(col - col[:, :1]).norm(dim=-1).mean().item(),
+                discontinuity=(boundary.amax(1) / step.mean(1)).mean().item())
+
+
+def object_kept(video, edge: int = 1) -> dict:
+    """Does a generated shapes video (B, T, 3, S, S) keep its object? The share of frames whose dominant
+    colour is frame 0's, and the relative change of the lit area from the first to the last `edge` frames."""
+    _, col, area = video_stats(video)
+    dominant = col.argmax(-1)  # (B, T)
+    first, last = area[:, :edge].mean(), area[:, -edge:].mean()
+    return dict(colour_kept=(dominant == dominant[:, :1]).float().mean().item(),
+                area_drift=((last - first) / first).item())
 
 
 # --- MNIST from the standard IDX files ---------------------------------------------------------

@@ -14,7 +14,8 @@ memory held is exactly the tokens kept.
 
 In the order of Triton's tutorials: the reference (`varlen_attention_ref`, a loop over pairs), the
 vectorised PyTorch path (`varlen_attention_grouped`: gather + SDPA per group of equal lengths, what
-the official Forcing-KV code does per head type), the fused kernel (`_varlen_attention_kernel`: online
+the official Forcing-KV code does per head type; `varlen_groups` is its bookkeeping, which a cache
+computes once when it commits, not at every call), the fused kernel (`_varlen_attention_kernel`: online
 softmax straight over the packed runs, no gathered copy), the launcher (`varlen_attention`,
 `resolve_impl`), then the benchmark (`bench`, `run_bench`). The tests are in tests/test_varlen_attention.py.
 Triton is optional: this module imports without it, and the kernel also runs on the CPU under
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.config import UserError
+from common.config import UserError, print_table
 from common.dit import attention_ref
 
 try:  # the fused path is optional: CUDA builds of torch ship triton, CPU-only installs may not
@@ -61,19 +62,38 @@ def varlen_attention_ref(q, k_packed, v_packed, offsets, lengths, k_new, v_new):
     return out
 
 
-def varlen_attention_grouped(q, k_packed, v_packed, offsets, lengths, k_new, v_new):
+def varlen_groups(offsets, lengths, device=None) -> list:
+    """The grouped path's bookkeeping, done once per cache layout (a cache calls it when it commits,
+    not per attention call): for each distinct run length n, the pairs that have it (flat indices
+    b * H + h, ascending) and where their runs lie. -> [(n, sel (G,), rows)]: rows is the int start
+    row when the G runs lie back to back in sel order (as a cache packs them; the gather is then a
+    view), else a (G, n) index tensor. offsets, lengths: (B, H) host tensors (device ones cost a sync)."""
+    lens, offs = lengths.reshape(-1).tolist(), offsets.reshape(-1).tolist()
+    groups = []
+    for n in sorted(set(lens)):
+        pairs = [i for i, m in enumerate(lens) if m == n]
+        starts = [offs[i] for i in pairs]
+        back_to_back = all(s == starts[0] + j * n for j, s in enumerate(starts))
+        rows = starts[0] if back_to_back else (torch.tensor(starts, device=device)[:, None]
+                                               + torch.arange(n, device=device))
+        groups.append((n, torch.tensor(pairs, device=device), rows))
+    return groups
+
+
+def varlen_attention_grouped(q, k_packed, v_packed, offsets, lengths, k_new, v_new, groups=None):
     """Gather + SDPA per group of pairs with equal cache length (the official code's way: one group
-    per head type). Vectorised, but it materialises a gathered, concatenated K/V copy per group."""
+    per head type). Vectorised, but it materialises a gathered, concatenated K/V copy per group.
+    groups: `varlen_groups(offsets, lengths)`, precomputed by the caller; built here when None."""
     B, H, Nq, Dh = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, so o_ below is a view
     q_, kn, vn, o_ = (x.reshape(B * H, 1, -1, Dh) for x in (q, k_new, v_new, out))  # (B*H, 1, N, Dh) views
-    lens, offs = lengths.reshape(-1).tolist(), offsets.reshape(-1).tolist()  # host-side bookkeeping
-    for n in sorted(set(lens)):
-        pairs = [i for i, m in enumerate(lens) if m == n]
-        sel = torch.tensor(pairs, device=q.device)  # (G,) the pairs of this group
-        rows = torch.tensor([offs[i] for i in pairs], device=q.device)[:, None] + torch.arange(n, device=q.device)
-        k = torch.cat([k_packed[rows][:, None], kn[sel]], dim=2)  # (G, 1, n + Nn, Dh): the copy
-        v = torch.cat([v_packed[rows][:, None], vn[sel]], dim=2)
+    for n, sel, rows in (varlen_groups(offsets, lengths, q.device) if groups is None else groups):
+        if isinstance(rows, int):  # back to back: the cached runs are a view, (G, n, Dh)
+            kc, vc = (x[rows:rows + len(sel) * n].view(len(sel), n, Dh) for x in (k_packed, v_packed))
+        else:
+            kc, vc = k_packed[rows], v_packed[rows]  # (G, n, Dh): the gather
+        k = torch.cat([kc[:, None], kn[sel]], dim=2)  # (G, 1, n + Nn, Dh): the copy
+        v = torch.cat([vc[:, None], vn[sel]], dim=2)
         o_[sel] = F.scaled_dot_product_attention(q_[sel], k, v)
     return out
 
@@ -93,10 +113,10 @@ def _varlen_attention_kernel(Q, KC, VC, Offsets, Lengths, KN, VN, Out, sm_scale,
     cached run, then the chunk's own keys. Both are one *virtual* sequence of n + Nn keys: tile
     column j comes from the cache if j < n, else from k_new[j - n]; two masked loads, never a copy.
     The last dimension is contiguous (stride 1) in every tensor; BLOCK_D pads HEAD_DIM to a power of 2."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: every pointer offset below
+    b, h = pid_bh // H, pid_bh % H  # is computed in 64 bits, so caches past 2^31 elements address right
     start, n = tl.load(Offsets + pid_bh).to(tl.int64), tl.load(Lengths + pid_bh)  # this pair's run
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query indices
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,) query indices
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims[None, :] < HEAD_DIM  # (1, BLOCK_D): the padding of a non-power-of-2 head dim
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :], mask=(rows[:, None] < Nq) & d_ok,
@@ -140,7 +160,10 @@ def varlen_attention_triton(q, k_packed, v_packed, offsets, lengths, k_new, v_ne
     Nn = k_new.shape[2]
     assert k_packed.shape == v_packed.shape and k_packed.shape[1] == Dh and offsets.shape == lengths.shape == (B, H)
     assert k_new.shape == v_new.shape == (B, H, Nn, Dh) and Nn >= 1, "the chunk attends at least to itself"
+    assert q.dtype == k_packed.dtype == v_packed.dtype == k_new.dtype == v_new.dtype, (
+        f"one dtype for the queries, the cache and the new K/V, got {q.dtype}, {k_packed.dtype}, {k_new.dtype}")
     q, k_packed, v_packed, k_new, v_new = (x.contiguous() for x in (q, k_packed, v_packed, k_new, v_new))
+    # A cache stores offsets/lengths as int32 on the device when it commits: then these are no-ops.
     offsets, lengths = offsets.to(q.device, torch.int32).contiguous(), lengths.to(q.device, torch.int32).contiguous()
     out = torch.empty_like(q)
     BLOCK_M = min(block_m, max(16, triton.next_power_of_2(Nq)))  # tl.dot needs tiles of >= 16
@@ -171,10 +194,11 @@ def resolve_impl(name: str, device) -> str:
     return "triton"
 
 
-def varlen_attention(q, k_packed, v_packed, offsets, lengths, k_new, v_new, impl="torch"):
-    """The entry point for models: impl 'torch' (gather + SDPA per group) or 'triton' (fused kernel)."""
+def varlen_attention(q, k_packed, v_packed, offsets, lengths, k_new, v_new, impl="torch", groups=None):
+    """The entry point for models: impl 'torch' (gather + SDPA per group; `groups` from `varlen_groups`,
+    precomputed) or 'triton' (fused kernel; offsets and lengths on q's device, int32)."""
     if impl == "torch":
-        return varlen_attention_grouped(q, k_packed, v_packed, offsets, lengths, k_new, v_new)
+        return varlen_attention_grouped(q, k_packed, v_packed, offsets, lengths, k_new, v_new, groups)
     if impl == "triton":
         resolve_impl("triton", q.device)  # one clear error instead of a crash deep inside triton
         return varlen_attention_triton(q, k_packed, v_packed, offsets, lengths, k_new, v_new)
@@ -192,13 +216,11 @@ GPU_SIZES = TINY_SIZES + [("480p-like", 1, 12, 128, 1560)]
 def bench_case(B, H, Dh, tokens, cache_frames, chunk_frames=3, static_fraction=0.4, device="cpu",
                dtype=torch.float32, seed=0):
     """Random tensors shaped like one chunk-attention call. Full cache: cache_frames frames for every
-    head. Compressed, as Forcing-KV: a random static_fraction of heads keeps sink + last frame; the
-    others keep sink + the recent half + a segment buffer of tokens // 2 + 3 (not a tile multiple)."""
+    head. Compressed with the official Forcing-KV budgets: a random static_fraction of heads keeps the
+    sink + the most recent frame, the others also a one-frame buffer of segments."""
     g = torch.Generator().manual_seed(seed)
     static = torch.rand(B, H, generator=g).argsort(1) < round(static_fraction * H)  # (B, H) head types
-    n_static = min(2, cache_frames) * tokens
-    n_dynamic = min(cache_frames * tokens, (1 + cache_frames // 2) * tokens + tokens // 2 + 3)
-    lengths = torch.where(static, n_static, n_dynamic)  # (B, H)
+    lengths = torch.where(static, min(2, cache_frames) * tokens, min(3, cache_frames) * tokens)  # (B, H)
     offsets = (lengths.reshape(-1).cumsum(0) - lengths.reshape(-1)).reshape(B, H)
     r = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
     Nq, T = chunk_frames * tokens, int(lengths.sum())
@@ -235,17 +257,22 @@ def bench(device, sizes=TINY_SIZES, cache_frames=(8, 16, 24), seed=0, fused=None
     for (label, B, H, Dh, tokens), C in tqdm([(s, c) for s in sizes for c in cache_frames], desc="bench"):
         a = bench_case(B, H, Dh, tokens, C, device=device, dtype=dtype, seed=seed)
         args = [a[k] for k in ("q", "k_packed", "v_packed", "offsets", "lengths", "k_new", "v_new")]
+        groups = varlen_groups(a["offsets"], a["lengths"], device)  # once per layout, as a cache does
+        Nq = a["q"].shape[2]
+        flop = 4 * Nq * Dh * int((a["lengths"] + Nq).sum())  # q k^T and p v over every pair's keys
         row = dict(size=label, B=B, H=H, Dh=Dh, tokens_per_frame=tokens, cache_frames=C,
                    kept_fraction=round(int(a["lengths"].sum()) / (B * H * C * tokens), 4),
                    ms_full_sdpa=_time_ms(device, F.scaled_dot_product_attention, a["q"], a["k_full"], a["v_full"]),
-                   ms_gather_sdpa=_time_ms(device, varlen_attention_grouped, *args))  # host-side lengths
+                   ms_gather_sdpa=_time_ms(device, varlen_attention_grouped, *args, groups))
+        row["gather_TFLOPs"] = flop / (row["ms_gather_sdpa"] * 1e-3) / 1e12
         if fused:
-            args[3:5] = [x.to(device) for x in args[3:5]]  # the kernel reads offsets/lengths on the device
+            args[3:5] = [x.to(device, torch.int32) for x in args[3:5]]  # the kernel reads them on the device
             row["ms_fused"] = _time_ms(device, varlen_attention_triton, *args)
             n_read_write = 2 * (a["q"].numel() + a["k_packed"].numel() + a["k_new"].numel())  # q+out, K+V, new K+V
             row["fused_GBps"] = n_read_write * a["q"].element_size() / (row["ms_fused"] * 1e-3) / 1e9
+            row["fused_TFLOPs"] = flop / (row["ms_fused"] * 1e-3) / 1e12  # compute-bound rows: read this
             row["speedup_fused_vs_gather"] = row["ms_gather_sdpa"] / row["ms_fused"]
-            err = varlen_attention_triton(*args).float() - varlen_attention_grouped(*args).float()
+            err = varlen_attention_triton(*args).float() - varlen_attention_grouped(*args, groups).float()
             row["max_abs_err_fused_vs_gather"] = float(err.abs().max())
         rows.append(row)
     note = "fused kernel timed"
@@ -281,7 +308,7 @@ def plot_bench(result: dict, path) -> None:
 
 
 def run_bench(out_dir, device, sizes=None, cache_frames=(8, 16, 24)) -> dict:
-    """What `forcing_kv.py --bench` calls: bench, then <out_dir>/bench.json and fig_bench.png."""
+    """What `forcing_kv.py --bench` calls: bench, then <out_dir>/bench.json, fig_bench.png and a table."""
     device = torch.device(device)
     sizes = sizes or (GPU_SIZES if device.type == "cuda" else TINY_SIZES)
     result = bench(device, sizes, cache_frames)
@@ -289,4 +316,8 @@ def run_bench(out_dir, device, sizes=None, cache_frames=(8, 16, 24)) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_bench(result, out / "fig_bench.png")
+    print_table([(r["size"], r["cache_frames"], r["kept_fraction"], r["ms_full_sdpa"], r["ms_gather_sdpa"],
+                  r.get("ms_fused", "skipped"), r.get("fused_TFLOPs", "-")) for r in result["rows"]],
+                ("frame", "cache frames", "kept", "ms full SDPA", "ms gather+SDPA", "ms fused", "fused TFLOP/s"))
+    print(f"{result['device']}: {result['fused_note']}\nwrote {out}/bench.json and fig_bench.png")
     return result

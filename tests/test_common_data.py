@@ -1,10 +1,21 @@
 import gzip
+import math
 
 import pytest
 import torch
 
 from common.config import UserError
-from common.data import load, mnist, read_idx, render_shapes, shapes
+from common.data import (
+    compare_videos,
+    load,
+    mnist,
+    moving_shapes,
+    object_kept,
+    read_idx,
+    render_shapes,
+    shapes,
+    video_stats,
+)
 
 
 def test_shapes_deterministic_in_range_and_labelled():
@@ -64,3 +75,36 @@ def test_mnist_missing_and_corrupt_files(tmp_path):
         read_idx(tmp_path / "bad.gz")  # a valid gzip header over a broken deflate stream
     with pytest.raises(UserError, match="unknown dataset"):
         load("cifar", 1, 16, 0)
+
+
+def test_moving_shapes_are_deterministic_and_stay_in_frame():
+    a, ya = moving_shapes(6, 30, 16, torch.Generator().manual_seed(3))
+    b, yb = moving_shapes(6, 30, 16, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    lit = a.amax(2) > 0
+    assert lit.flatten(2).any(2).all()  # an object in every frame
+    edge = lit[..., 0, :].any() or lit[..., -1, :].any() or lit[..., :, 0].any() or lit[..., :, -1].any()
+    assert not edge  # bounces keep the shapes inside
+    moved = (a[:, 1:] - a[:, :-1]).abs().flatten(2).amax(2) > 0
+    assert moved.float().mean() > 0.9  # the objects really move from frame to frame
+
+
+def test_video_stats_measures_a_rendered_shape():
+    one = render_shapes(torch.tensor([0]), torch.tensor([1]), torch.tensor([10.0]), torch.tensor([6.0]),
+                        torch.tensor([3.0]), 16)  # a green circle at x = 10, y = 6 px
+    centroid, colour, area = video_stats(one[:, None])
+    assert torch.allclose(centroid[0, 0], torch.tensor([10 / 16, 6 / 16]), atol=0.02)
+    assert colour[0, 0].argmax() == 1 and abs(area.item() - math.pi * 9 / 256) < 0.02
+
+
+def test_video_quality_checks():
+    v, _ = moving_shapes(3, 9, 16, torch.Generator().manual_seed(0))
+    same = compare_videos(v, v, chunk=3)
+    assert same["psnr"] > 100 and same["traj_err"] == 0 and same["drift"] < 0.1
+    shifted = compare_videos(torch.roll(v, 2, dims=-1), v, chunk=3)
+    assert shifted["psnr"] < 30 and 0.1 < shifted["traj_err"] < 0.15  # 2 px of 16 (less where a shape wraps)
+    kept = object_kept(v, edge=3)
+    assert kept["colour_kept"] == 1 and abs(kept["area_drift"]) < 0.2
+    recoloured = v.clone()
+    recoloured[:, 5:] = recoloured[:, 5:].roll(1, dims=2)  # the colour channels rotate from frame 5 on
+    assert object_kept(recoloured)["colour_kept"] == pytest.approx(5 / 9)

@@ -73,6 +73,29 @@ def test_grouped_gather_sdpa_equals_reference(lengths):
     assert max_err(va.varlen_attention(*args, impl="torch"), va.varlen_attention_ref(*args)) <= ATOL_FP32
 
 
+def test_precomputed_groups_back_to_back_runs_are_views_and_agree():
+    """A cache packs each head kind's runs back to back: varlen_groups then slices instead of gathering."""
+    lengths = torch.tensor([[3, 5, 3], [3, 5, 3]])
+    order = [0, 2, 3, 5, 1, 4]  # the length-3 runs first, (b, h)-major, then the length-5 runs
+    offsets, pos = torch.zeros(6, dtype=torch.long), 0
+    for i in order:
+        offsets[i], pos = pos, pos + int(lengths.reshape(-1)[i])
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    args = (r(2, 3, 4, 8), r(pos, 8), r(pos, 8), offsets.view(2, 3), lengths, r(2, 3, 2, 8), r(2, 3, 2, 8))
+    groups = va.varlen_groups(args[3], lengths)
+    assert [(n, rows) for n, _, rows in groups] == [(3, 0), (5, 12)]  # both back to back: int start rows
+    assert max_err(va.varlen_attention_grouped(*args, groups), va.varlen_attention_ref(*args)) <= ATOL_FP32
+    shuffled = va.varlen_groups(torch.tensor([[0, 3, 11], [14, 17, 25]]), lengths)  # runs in (b, h) order
+    assert all(torch.is_tensor(rows) for _, _, rows in shuffled)  # not back to back: gathered
+
+
+def test_launcher_refuses_a_cache_of_another_dtype():
+    q, kp, vp, off, lens, kn, vn = make_case([[3, 2]])
+    with pytest.raises(AssertionError, match="one dtype"):
+        va.varlen_attention_triton(q, kp.half(), vp.half(), off, lens, kn, vn)
+
+
 # %% the fused kernel equals the reference
 
 
@@ -192,7 +215,7 @@ def test_bench_case_stores_fewer_tokens_for_static_heads():
     a = va.bench_case(B=1, H=5, Dh=8, tokens=4, cache_frames=8)
     lens = a["lengths"][0]
     assert a["k_packed"].shape == (int(lens.sum()), 8) and a["k_full"].shape == (1, 5, 8 * 4 + 12, 8)
-    assert sorted(lens.tolist()) == [8, 8, 25, 25, 25]  # 2 static heads (2 frames), 3 dynamic (5 frames + 5)
+    assert sorted(lens.tolist()) == [8, 8, 12, 12, 12]  # 2 static heads (sink + 1 frame), 3 dynamic (+ 1 frame)
 
 
 def test_run_bench_on_cpu_tiny(tmp_path):
