@@ -45,6 +45,10 @@ def save_curves(curves: dict, path, xlabel: str, ylabel: str, title: str = "", l
         ax.plot(xs, ys, marker="o", ms=3, label=label)
     ax.set_xscale("log" if logx else "linear")
     ax.set_yscale("log" if logy else "linear")
+    xs_all = sorted({float(x) for xs, _ in curves.values() for x in xs})
+    if logx and len(xs_all) <= 6:  # a few sizes on a log axis: label them, not the powers of ten between
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
