@@ -30,14 +30,15 @@ Conventions (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, 
 
 Deviations from the paper
     Pixel space (16 px shapes), not the latent space of an autoencoder; class-conditional TinyDiTs
-    sampled with CFG 5 and 30 Euler steps (the paper: CFG 4, 60 steps). The repository's CNN
-    evaluator stands in for DINOv2 / ArcFace (feature cosine) and for Inception (FID -> "evaluator
-    FD"). Every data / seed perturbation shares one short recipe (TinyDiT-xs, 2,400 steps: a CPU
-    budget), so the reference is small too. The smaller network keeps the reference's width and
-    patch (wide enough: 64 for the 4 * 4 * 3 = 48 values of a patch) with one block instead of two,
-    and trains three times as long, until its loss levels off; it is also the coarse model, and
-    the large model is the shared base model (TinyDiT-s, common/pretrain.py). DiT-S/2 vs XL/2 is
-    20x in parameters; our pair is 1.7x (vs the reference) and 7x (vs the base model).
+    sampled with CFG 5 and 30 Euler steps (the paper: CFG 4, 60 steps); stability is also measured
+    without guidance (CFG 1). The repository's CNN evaluator stands in for DINOv2 / ArcFace
+    (feature cosine) and for Inception (FID -> "evaluator FD"). Every data / seed perturbation
+    shares one short recipe (TinyDiT-xs, 2,400 steps: a CPU budget), so that reference is small
+    and undertrained. The smaller network and the large one are the paper's pair in miniature:
+    the large model is the shared base model (TinyDiT-s: width 96, 4 blocks, common/pretrain.py),
+    the small one keeps a width that fits a patch (64 for the 4 * 4 * 3 = 48 values; at width 48
+    the loss stalls near 0.15) with one block, 7x fewer parameters (DiT-S/2 vs XL/2: 20x), trained
+    until its loss levels off. It is compared with the large model, and it is the coarse model.
     The "unrelated" baseline permutes pairs *within a class* (the official code permutes across
     all samples, reported as unrelated_cos_any_class): with class-conditional models that is a
     far easier bar. CLIP features for clustering are replaced by a second evaluator classifier
@@ -54,7 +55,6 @@ Run
 
 # %% imports
 import dataclasses
-import math
 import statistics
 import time
 
@@ -80,9 +80,10 @@ from common.train import EMA, load_or_train, make_optimizer, optimizer_step
 class Config(BaseConfig):
     model: str = field("xs", "TinyDiT size of the reference and of every data / seed perturbation",
                        choices=tuple(SIZES))
-    small_depth: int = field(1, "blocks of the smaller network (the reference's width and patch; xs has 2 blocks)")
-    small_steps: int = field(7200, "optimizer steps of the smaller network: cheaper per step, trained until its "
-                                   "loss levels off (3x the shared recipe)")
+    small_depth: int = field(1, "blocks of the smaller network (the reference's width 64 and patch 4; the base "
+                                "model has 4 blocks of width 96)")
+    small_steps: int = field(14400, "optimizer steps of the smaller network: cheap per step, trained until its "
+                                    "loss levels off (6x the shared recipe)")
     large: str = field("cpu", "common.pretrain preset of the coarse-to-fine large model (the cached base model)",
                        choices=tuple(pretrain.PRESETS))
     steps: int = field(2400, "optimizer steps of every other trained model (the shared recipe; about 40 s for xs)")
@@ -131,7 +132,8 @@ FRACTIONS = (1.0, 0.5, 0.25, 0.1)  # Part 2: the share of the training data kept
 PAPER_SWITCH = 0.3  # the official t_split = 0.7 with noise at 0 (see the paper card)
 P_UNCOND = 0.1  # CFG dropout of the shared recipe (common/pretrain.py's)
 PART1 = ("half_A", "half_B", "random_25", "nearest_25", "furthest_25", "other_seed", "small")
-SNAPSHOTS = (1 / 8, 1 / 4, 3 / 8, 1 / 2)  # reference checkpoints kept for the quality-matched control
+PARTNER = {name: "reference" for name in PART1} | {"small": "large"}  # whom each model is compared with
+SNAPSHOTS = (1 / 8, 1 / 4, 1 / 2, 3 / 4)  # checkpoints of the smaller network: the same size, worse
 N_BOOT = 200  # bootstrap resamples of the FD
 
 
@@ -216,24 +218,31 @@ def noise_for(n: int, seed: int, size: int = 16, channels: int = 3) -> torch.Ten
     return seeded_noise(n, channels, size, seed)
 
 
-def trajectory_distance(models: dict, noise: torch.Tensor, y: torch.Tensor, cfg, seed: int = 0) -> dict:
-    """The paper's trajectory view: per-image RMS pixel distance between the reference's state x_t
-    and each other model's, from the same noise, at every Euler time, averaged over images. 0 at
-    t = 1 by construction; where it stops growing, the two trajectories have committed to the same
-    image. "unrelated" is the same statistic at t = 0 for same-class partners with other noise.
-    -> {"distance": {name: [S + 1 values]}, "unrelated": {name: value}}."""
-    device = next(models["reference"].parameters()).device
-    noise, y_dev = noise.to(device), y.to(device)
-    paths = {name: euler(cfg_velocity(m, y_dev, cfg.cfg_scale, m.null_label), noise, cfg.sample_steps,
-                         return_trajectory=True)[1] for name, m in models.items()}  # (S + 1, B, C, H, W)
-    ref = paths.pop("reference")
+def trajectory_distance(pairs: dict, noise: torch.Tensor, y: torch.Tensor, cfg, seed: int = 0) -> dict:
+    """The paper's trajectory view: per-image RMS pixel distance between the states x_t of two
+    models from the same noise, at every Euler time, averaged over images. 0 at t = 1 by
+    construction; where it stops growing, the two trajectories have committed to the same image.
+    "unrelated" is the same statistic at t = 0 for same-class partners with other noise.
+    pairs: name -> (model_a, model_b). -> {"distance": {name: [S + 1 values]}, "unrelated": {name: value}}."""
+    paths = {}
+
+    def path(m):  # (S + 1, B, C, H, W) on the CPU, once per model
+        if id(m) not in paths:
+            device = next(m.parameters()).device
+            v = cfg_velocity(m, y.to(device), cfg.cfg_scale, m.null_label)
+            paths[id(m)] = euler(v, noise.to(device), cfg.sample_steps, return_trajectory=True)[1]
+        return paths[id(m)]
+
     perm = shuffle_within_class(y, torch.Generator().manual_seed(seed))
 
     def rms(a, b):  # (..., B, C, H, W) -> mean over images of the per-image RMS distance
         return (a - b).pow(2).flatten(-3).mean(-1).sqrt().mean(-1)
 
-    return dict(distance={name: rms(p, ref).tolist() for name, p in paths.items()},
-                unrelated={name: rms(p[-1][perm], ref[-1]).item() for name, p in paths.items()})
+    out = dict(distance={}, unrelated={})
+    for name, (a, b) in pairs.items():
+        out["distance"][name] = rms(path(b), path(a)).tolist()
+        out["unrelated"][name] = rms(path(b)[-1][perm], path(a)[-1]).item()
+    return out
 
 
 # %% part 2: balanced-clustering pruning
@@ -376,14 +385,15 @@ def model_specs(cfg, feats: torch.Tensor, cluster: torch.Tensor, centres: torch.
     full = (torch.arange(n), f"full{n}")
     second = dict(seed=cfg.seed + 1)  # the second training seed of Part 2
     specs = {
-        "reference": (*full, dict(snapshots=snapshot_steps(cfg.steps))),
+        "reference": (*full, {}),
         "half_A": (*rnd(0.5), {}),
         "half_B": (half_b, f"halfB/of{n}/order{order}", {}),
         "random_25": (*rnd(0.25), {}),
         "nearest_25": (*bal(0.25, True), {}),
         "furthest_25": (*bal(0.25, False), {}),
         "other_seed": (*full, dict(seed=cfg.seed + 1)),
-        "small": (*full, dict(depth=cfg.small_depth, steps=cfg.small_steps)),
+        "small": (*full, dict(depth=cfg.small_depth, steps=cfg.small_steps,
+                              snapshots=snapshot_steps(cfg.small_steps))),
         "random_10": (*rnd(0.1), {}),
         "nearest_50": (*bal(0.5, True), {}),
         "nearest_10": (*bal(0.1, True), {}),
@@ -396,19 +406,22 @@ def model_specs(cfg, feats: torch.Tensor, cluster: torch.Tensor, centres: torch.
     return specs
 
 
-def quality_matched_control(cfg, device, ref_info: dict, data, target_fd: float, ev, y, real) -> tuple:
-    """The reference's own earlier checkpoint whose FD is nearest the smaller network's: a model as
-    weak as the small one but of the reference's size, to separate "smaller" from "worse".
-    -> (samples, {"step", "fd", "fd_by_step"})."""
+def small_checkpoints(cfg, device, info: dict, data, ev, y, real, x_large) -> dict:
+    """The smaller network's own earlier checkpoints against the large model, the same way as the
+    final one: the same size, worse quality. Beside the final (quality-matched) pair they separate
+    "smaller" from "worse". x_large: the large model's samples from the same noise.
+    -> {step: {"fd", "mse_ratio", "position_ratio", ...}}."""
     torch.manual_seed(cfg.seed)
-    net = TinyDiT(img_size=data.size, channels=data.channels, n_classes=data.n_classes, **SIZES[cfg.model], patch=4)
-    fds, samples = {}, {}
-    for step, state in sorted(ref_info["snapshots"].items()):
+    arch = dict(SIZES[cfg.model], patch=4, depth=cfg.small_depth)
+    net = TinyDiT(img_size=data.size, channels=data.channels, n_classes=data.n_classes, **arch)
+    out = {}
+    for step, state in sorted(info["snapshots"].items()):
         net.load_state_dict(state, strict=False)
-        samples[step] = sample_labels(net.to(device).eval(), y, cfg.sample_steps, cfg.cfg_scale, cfg.seed + 1)
-        fds[step] = ev.fd(samples[step], real)
-    step = min(fds, key=lambda s: abs(math.log(fds[s] / target_fd)))
-    return samples[step], dict(step=step, fd=fds[step], fd_by_step={str(s): v for s, v in fds.items()})
+        x = sample_labels(net.to(device).eval(), y, cfg.sample_steps, cfg.cfg_scale, cfg.seed + 1)
+        m = stability_metrics(ev, x_large, x, y, cfg.seed)
+        out[str(step)] = dict(fd=ev.fd(x, real), **{k: m[k] for k in (
+            "mse_ratio", "position_ratio", "size_ratio", "label_agreement", "unrelated_label_agreement", "passes")})
+    return out
 
 
 # %% part 3: coarse-to-fine sampling
@@ -539,31 +552,33 @@ def make_claims(r: dict) -> list:
         return dict(claim=text, paper=paper, ours=ours, key=key, criterion=criterion, reproduced=bool(test(ours)),
                     note=note)
 
-    gate = "max(paired / unrelated pixel MSE, paired / unrelated position error) <= 0.5"
-    c2f = r["c2f_paper"]
+    gate = "max(paired / unrelated pixel MSE, paired / unrelated position error) <= 0.5, CFG 5"
+    c2f, best = r["c2f_paper"], r["c2f_best"]
     return [
         claim("same noise, other data (halves, random and balanced 25%): nearly the same image",
-              "DINOv2 cosine far above permuted pairs", "stability_worst.data", f"worst over the five: {gate}",
-              lambda v: v <= 0.5, "unrelated pairs: same class, other noise"),
+              "DINOv2 cosine far above permuted pairs", "stability_worst.data", f"worst of the five: {gate}",
+              lambda v: v <= 0.5, f"without guidance (CFG 1): {r['stability_worst_no_cfg']['data']:.2f}"),
         claim("same noise, another training seed: nearly the same image", "similar images",
-              "stability_worst.other_seed", gate, lambda v: v <= 0.5, "same data, other init and batch order"),
+              "stability_worst.other_seed", gate, lambda v: v <= 0.5,
+              f"without guidance (CFG 1): {r['stability_worst_no_cfg']['other_seed']:.2f}"),
         claim("same noise, a smaller network: nearly the same image", "DiT-S/2 vs DiT-XL/2: similar images",
-              "stability_worst.small", gate, lambda v: v <= 0.5,
-              f"quality-matched control (the reference at step {r['control']['step']}): "
-              f"{r['stability_worst']['control']:.2f}"),
+              "stability_worst.small", gate + " (small vs the base model, equal FD)", lambda v: v <= 0.5,
+              f"without guidance (CFG 1): {r['stability_worst_no_cfg']['small']:.2f}"),
         claim("half the data costs no quality", "50% of CelebA-HQ pruned: slight FID gain",
               "pruning.fd_ratio_50", "FD(random 50%, mean of halves A and B) / FD(full) <= 1",
-              lambda v: v <= 1.0, f"seed spread at 25%: {r['pruning']['seed_spread_25']:.2f} (relative)"),
+              lambda v: v <= 1.0, f"largest relative FD gap between two seeds at 25%: "
+                                  f"{r['pruning']['seed_spread_25']:.2f}"),
         claim("balanced clustering (nearest) beats random pruning at 25%", "75% of ImageNet pruned with balanced "
               "clustering", "pruning.nearest_vs_random_25", "mean FD over 2 seeds, nearest / random < 1",
-              lambda v: v < 1.0, "spherical k-means, k = one per class, nearest members kept"),
+              lambda v: v < 1.0, "spherical k-means, one cluster per class, nearest members kept"),
         claim("balanced clustering (furthest) beats random pruning at 25%", "75% of ImageNet pruned with balanced "
               "clustering", "pruning.furthest_vs_random_25", "mean FD over 2 seeds, furthest / random < 1",
               lambda v: v < 1.0, "the official equal_cluster's default (largest=True)"),
         claim("coarse-to-fine at the paper's switch: > 2x faster at comparable quality", "2.15x (t_split 0.7)",
               "c2f_speedup_measured", "measured speed-up >= 2 and FD <= 1.1 x large alone at switch 0.3",
               lambda v: v >= 2 and c2f["fd_ratio"] <= 1.1,
-              f"FD ratio {c2f['fd_ratio']:.2f}; cost model {r['c2f_speedup_cost_model']:.2f}x"),
+              f"FD ratio {c2f['fd_ratio']:.2f}; cost model {r['c2f_speedup_cost_model']:.2f}x; best switch within "
+              f"10% FD: {best['switch_t']:g} ({best['speedup']:.2f}x)"),
     ]
 
 
@@ -591,15 +606,14 @@ def plot_c2f(c2f: list, path) -> None:
     """FD (with its interval) and speed-up (measured and cost model) against the switch time."""
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     ts = [r["switch_t"] for r in c2f]
-    fd = [r["fd"] for r in c2f]
     err = [[r["fd"] - r["fd_ci"][0] for r in c2f], [r["fd_ci"][1] - r["fd"] for r in c2f]]
-    ax.errorbar(ts, fd, yerr=err, fmt="o-", color="C0", ms=3, capsize=2, label="evaluator FD (95% CI)")
+    ax.errorbar(ts, [r["fd"] for r in c2f], yerr=err, fmt="o-", color="C0", ms=3, capsize=2,
+                label="evaluator FD (95% interval)")
     ax.axhline(1.1 * c2f[0]["fd"], color="C0", ls=":", lw=1, label="large alone + 10%")
     ax.axvline(PAPER_SWITCH, color="grey", ls="--", lw=0.8, label="the paper's switch")
-    ax.set(xlabel="switch time (small model while t > switch)", ylabel="evaluator FD (log scale)",
-           xlim=(1.05, -0.05), yscale="log")
+    ax.set(xlabel="switch time (small model while t > switch)", ylabel="evaluator FD", xlim=(1.05, -0.05))
     ax2 = ax.twinx()
-    ax2.plot(ts, [r["speedup"] for r in c2f], "s-", color="C1", ms=3, label="speed-up, measured")
+    ax2.plot(ts, [r["speedup"] for r in c2f], "s-", color="C1", ms=3, label="speed-up, measured (median)")
     ax2.plot(ts, [r["speedup_cost_model"] for r in c2f], "--", color="C3", lw=1, label="speed-up, cost model")
     ax2.set_ylabel("speed-up over the large model alone", color="C1")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
@@ -629,14 +643,14 @@ def plot_fd_fraction(fd_frac: dict, fd_25_s2: dict, path) -> None:
 
 def figures(out, samples, traj, t_grid, fd_frac, fd_25_s2, c2f, c2f_samples):
     cols = min(12, len(next(iter(samples.values()))))
-    image_rows([(name, samples[name][:cols]) for name in ("reference", *PART1, "control")],
+    image_rows([(name, samples[name][:cols]) for name in ("reference", *PART1[:-1], "large", "small")],
                out / "fig_stability_grid.png", "same noise (one column each), different models (one row each)")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, d in traj["distance"].items():
-        ax.plot(t_grid, d, marker="o", ms=2, label=name)
+        ax.plot(t_grid, d, marker="o", ms=2, label=f"{name} vs {PARTNER[name]}")
     unrelated = statistics.median(traj["unrelated"].values())
     ax.axhline(unrelated, color="k", ls=":", lw=1, label="unrelated pairs at t = 0 (same class, median)")
-    ax.set(xlabel="t (sampling runs from 1, noise, to 0, data)", ylabel="mean RMS distance to the reference's x_t",
+    ax.set(xlabel="t (sampling runs from 1, noise, to 0, data)", ylabel="mean per-image RMS distance of x_t",
            title="where same-noise trajectories part", xlim=(1.02, -0.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -669,26 +683,27 @@ def run(cfg: Config) -> dict:
     for name, (idx, key, kw) in tqdm(specs.items(), desc="models"):
         subset = data_mod.Dataset(data.images[idx], data.labels[idx], data.class_names)
         models[name], info[name] = train(cfg, device, name, subset, key, **kw)
-    large, _ = pretrain.base_model(pretrain.Config(**pretrain.PRESETS[cfg.large], seed=cfg.seed), device)
+    models["large"], _ = pretrain.base_model(pretrain.Config(**pretrain.PRESETS[cfg.large], seed=cfg.seed), device)
 
     # Part 1: the same noise and labels through every model (sample_labels draws the noise from
-    # the seed on the CPU), then same-noise pairs against unrelated pairs.
+    # the seed on the CPU), then same-noise pairs against unrelated pairs, with the sampler's
+    # guidance and without it (CFG 1: the flow itself).
     y = torch.arange(cfg.n_samples) % data.n_classes  # balanced labels
     samples = {name: sample_labels(m, y, cfg.sample_steps, cfg.cfg_scale, cfg.seed + 1)
                for name, m in tqdm(models.items(), desc="sampling", leave=False)}
+    plain = {name: sample_labels(models[name], y, cfg.sample_steps, 1.0, cfg.seed + 1)
+             for name in tqdm({*PART1, *PARTNER.values()}, desc="sampling without CFG", leave=False)}
     fd = {name: ev.fd(x, real) for name, x in samples.items()}
-    samples["control"], control = quality_matched_control(cfg, device, info["reference"], data, fd["small"], ev, y,
-                                                          real)
-    fd["control"] = control["fd"]
-    stability = {name: stability_metrics(ev, samples["reference"], samples[name], y, cfg.seed)
-                 for name in (*PART1, "control")}
+    stability = {n: stability_metrics(ev, samples[PARTNER[n]], samples[n], y, cfg.seed) for n in PART1}
+    stability_no_cfg = {n: stability_metrics(ev, plain[PARTNER[n]], plain[n], y, cfg.seed) for n in PART1}
+    checkpoints = small_checkpoints(cfg, device, info["small"], data, ev, y, real, samples["large"])
     n_traj = min(64, cfg.n_samples)
-    traj = trajectory_distance({name: models[name] for name in ("reference", *PART1)},
+    traj = trajectory_distance({n: (models[PARTNER[n]], models[n]) for n in PART1},
                                noise_for(cfg.n_samples, cfg.seed + 1)[:n_traj], y[:n_traj], cfg, cfg.seed)
     t_grid = torch.linspace(1, 0, cfg.sample_steps + 1).tolist()
 
-    def worst(names):  # the gate's statistic: the larger of the two ratios, worst over the names
-        return max(max(stability[n]["mse_ratio"], stability[n]["position_ratio"]) for n in names)
+    def worst(stab, names):  # the gate's statistic: the larger of the two ratios, worst over the names
+        return max(max(stab[n]["mse_ratio"], stab[n]["position_ratio"]) for n in names)
 
     # Part 2: quality against the share of data kept, random vs balanced pruning, equal steps.
     names = {"random": ("reference", "half_A", "random_25", "random_10"),
@@ -706,29 +721,34 @@ def run(cfg: Config) -> dict:
     )
 
     # Part 3: coarse-to-fine, the smaller network then the base model.
-    c2f, pair, c2f_samples = part3(cfg, models["small"], large, ev, y, real, device)
-    paper = next(r for r in c2f if r["switch_t"] == min((r["switch_t"] for r in c2f),
-                                                         key=lambda s: abs(s - PAPER_SWITCH)))
+    c2f, pair, c2f_samples = part3(cfg, models["small"], models["large"], ev, y, real, device)
+    paper = min(c2f, key=lambda r: abs(r["switch_t"] - PAPER_SWITCH))  # 0.3, or its nearest grid time
     within = [r for r in c2f if r["fd_ratio"] <= 1.1]  # the large model alone is always there
     best = min(within, key=lambda r: r["switch_t"])  # the most small-model steps at FD within 10%
+    real_2 = data_mod.load("shapes", cfg.n_samples, 16, cfg.seed + 1, "test").images  # another held-out draw
 
     results = dict(
         stability=stability,
-        stability_worst=dict(data=worst(PART1[:5]), other_seed=worst(["other_seed"]), small=worst(["small"]),
-                             control=worst(["control"])),
+        stability_no_cfg=stability_no_cfg,
+        stability_worst=dict(data=worst(stability, PART1[:5]), other_seed=worst(stability, ["other_seed"]),
+                             small=worst(stability, ["small"])),
+        stability_worst_no_cfg=dict(data=worst(stability_no_cfg, PART1[:5]),
+                                    other_seed=worst(stability_no_cfg, ["other_seed"]),
+                                    small=worst(stability_no_cfg, ["small"])),
         stability_targets_hold=all(stability[n]["passes"] for n in PART1),
-        control=control,
+        small_checkpoints=checkpoints,
         trajectory=dict(t=t_grid, **traj),
         fd_by_fraction=fd_by_fraction,
         pruning=pruning,
         fd=fd,
+        fd_real_vs_real=ev.fd(real_2, real),  # the FD floor of two real sets of this size
         sample_accuracy={name: ev.accuracy(x, y) for name, x in samples.items()},
         # Clusters of equal size need not hold equal shares of each class: the class mix of each subset.
         class_counts={name: torch.bincount(data.labels[idx], minlength=data.n_classes).tolist()
                       for name, (idx, _, _) in specs.items() if name not in ("reference", "other_seed", "small")},
         cluster_class_counts=[torch.bincount(data.labels[cluster == c], minlength=data.n_classes).tolist()
                               for c in range(cfg.clusters)],
-        params={name: i["params"] for name, i in info.items()},
+        params={name: count_params(m) for name, m in models.items()},
         train_seconds={name: round(i["train_seconds"], 1) for name, i in info.items()},
         loss_curve={name: info[name]["loss_curve"] for name in ("reference", "small")},
         c2f=c2f,
@@ -749,14 +769,14 @@ def run(cfg: Config) -> dict:
     results["seconds"] = round(time.perf_counter() - t0, 1)
     save_json(out / "results.json", results)
     figures(out, samples, traj, t_grid, fd_by_fraction, {k: v[1] for k, v in fd_25.items()}, c2f, c2f_samples)
-    print_table([(n, v["label_agreement"], v["unrelated_label_agreement"], v["mse_ratio"], v["position_ratio"],
-                  v["size_ratio"], v["paired_cos"], v["unrelated_cos"], v["passes"]) for n, v in stability.items()],
-                ("vs reference", "label agr.", "unrel. agr.", "MSE ratio", "pos. ratio", "size ratio", "cos",
-                 "unrel. cos", "passes"))
+    rows = [(f"{n} vs {PARTNER[n]}", v["label_agreement"], v["unrelated_label_agreement"], v["mse_ratio"],
+             v["position_ratio"], v["size_ratio"], stability_no_cfg[n]["mse_ratio"],
+             stability_no_cfg[n]["position_ratio"], v["passes"]) for n, v in stability.items()]
+    print_table(rows, ("pair", "label agr.", "unrel. agr.", "MSE ratio", "pos. ratio", "size ratio", "MSE, CFG 1",
+                       "pos., CFG 1", "passes"))
     print()
-    print_table([(n, results["sample_accuracy"][n], fd[n], results["params"].get(n, "-"),
-                  results["train_seconds"].get(n, "-")) for n in samples],
-                ("model", "accuracy (CFG)", "eval FD", "params", "train s"))
+    print_table([(n, results["sample_accuracy"][n], fd[n], results["params"][n], results["train_seconds"].get(n, "-"))
+                 for n in samples], ("model", "accuracy (CFG)", "eval FD", "params", "train s"))
     print()
     print_table([(r["switch_t"], r["fd"], r["fd_ratio"], r["paired_cos"], r["seconds"], r["speedup"],
                   r["speedup_cost_model"]) for r in c2f],

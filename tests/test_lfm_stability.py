@@ -151,8 +151,8 @@ def test_balanced_subset_keeps_the_nearest_or_furthest_members_in_equal_shares()
             assert set(ranked.tolist()) == set(keep[cluster[keep] == c].tolist())
         smaller = lfm.balanced_subset(f, cluster, centres, 45, nearest)
         assert set(smaller.tolist()) <= set(keep.tolist())  # nested fractions
-    near, far = (lfm.balanced_subset(f, cluster, centres, 90, n) for n in (True, False))
-    for c in range(3):  # with 30 + 30 of >= 50 per cluster, the two never meet
+    near, far = (lfm.balanced_subset(f, cluster, centres, 60, n) for n in (True, False))
+    for c in range(3):  # with 20 + 20 of >= 50 per cluster, the two never meet
         assert cos[near[cluster[near] == c]].min() > cos[far[cluster[far] == c]].max()
     random = lfm.random_subset(400, 0.25, seed=1)
     assert len(random) == 100 and set(random.tolist()) <= set(lfm.random_subset(400, 0.5, seed=1).tolist())
@@ -170,7 +170,8 @@ def test_shape_attributes_recover_position_and_size_from_pixels():
     r = 3 + 2 * torch.rand(n, generator=g)
     cx, cy = 6 + 4 * torch.rand(n, generator=g), 6 + 4 * torch.rand(n, generator=g)
     a = lfm.shape_attributes(render_shapes(shape, colour, cx, cy, r, 16))
-    assert (a[:, 0] - cx).abs().max() < 0.1 and (a[:, 1] - cy).abs().max() < 0.1
+    err = (a[:, :2] - torch.stack([cx, cy], 1)).abs()  # the ramp snaps faint edge pixels: ~0.05 px, at most 0.2
+    assert err.mean() < 0.08 and err.max() < 0.25
     area = torch.where(shape == 0, math.pi * r**2, (1.7 * r) ** 2)
     assert ((a[:, 2] / area) - 1).abs().max() < 0.06
     moved = lfm.shape_attributes(render_shapes(shape, colour, cx + 1.5, cy - 1, r, 16))
@@ -279,10 +280,11 @@ def test_smoke_run_writes_every_key(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ("stability", "stability_worst", "fd_by_fraction", "pruning", "class_counts", "c2f",
                 "c2f_speedup_measured", "c2f_speedup_cost_model", "c2f_fd_ci", "c2f_best", "c2f_paper", "claims",
-                "control", "seconds"):
+                "small_checkpoints", "stability_no_cfg", "fd_real_vs_real", "seconds"):
         assert key in saved and key in res
-    assert set(saved["stability"]) == {*lfm.PART1, "control"}
-    for v in saved["stability"].values():
+    assert set(saved["stability"]) == set(saved["stability_no_cfg"]) == set(lfm.PART1)
+    assert len(saved["small_checkpoints"]) == 4  # 1/8, 1/4, 1/2 and 3/4 of the smaller network's steps
+    for v in [*saved["stability"].values(), *saved["stability_no_cfg"].values()]:
         assert {"position_err", "unrelated_position_err", "unrelated_label_agreement", "size_err",
                 "unrelated_size_err", "paired_mse", "unrelated_mse", "passes"} <= set(v)
     for kind in ("random", "nearest", "furthest"):
