@@ -170,13 +170,12 @@ def test_shape_attributes_recover_position_and_size_from_pixels():
     r = 3 + 2 * torch.rand(n, generator=g)
     cx, cy = 6 + 4 * torch.rand(n, generator=g), 6 + 4 * torch.rand(n, generator=g)
     a = lfm.shape_attributes(render_shapes(shape, colour, cx, cy, r, 16))
-    err = (a[:, :2] - torch.stack([cx, cy], 1)).abs()  # the ramp snaps faint edge pixels: ~0.05 px, at most 0.2
-    assert err.mean() < 0.08 and err.max() < 0.25
+    assert (a[:, :2] - torch.stack([cx, cy], 1)).abs().max() < 0.1
     area = torch.where(shape == 0, math.pi * r**2, (1.7 * r) ** 2)
-    assert ((a[:, 2] / area) - 1).abs().max() < 0.06
+    assert ((a[:, 2] / area) - 1).abs().max() < 0.04
     moved = lfm.shape_attributes(render_shapes(shape, colour, cx + 1.5, cy - 1, r, 16))
     assert torch.allclose(moved[:, :2] - a[:, :2], torch.tensor([1.5, -1.0]).expand(n, 2), atol=0.15)
-    dim_background = render_shapes(shape, colour, cx, cy, r, 16) + 0.3 * (torch.rand(n, 3, 16, 16) < 0.5)
+    dim_background = render_shapes(shape, colour, cx, cy, r, 16) + 0.15 * (torch.rand(n, 3, 16, 16) < 0.5)
     assert torch.allclose(lfm.shape_attributes(dim_background.clamp(max=1)), a, atol=1e-4)  # below the ramp
 
 
