@@ -283,7 +283,7 @@ def test_smoke_run_writes_every_key(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ("stability", "stability_worst", "fd_by_fraction", "pruning", "class_counts", "c2f",
                 "c2f_speedup_measured", "c2f_speedup_cost_model", "c2f_fd_ci", "c2f_best", "c2f_paper", "claims",
-                "small_checkpoints", "stability_no_cfg", "fd_real_vs_real", "seconds"):
+                "small_checkpoints", "stability_no_cfg", "fd_real_vs_real", "real_unrelated_position_err", "seconds"):
         assert key in saved and key in res
     assert set(saved["stability"]) == set(saved["stability_no_cfg"]) == set(lfm.PART1)
     assert len(saved["small_checkpoints"]) == 4  # 1/8, 1/4, 1/2 and 3/4 of the smaller network's steps
