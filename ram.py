@@ -1,6 +1,6 @@
 """Reinforce Adjoint Matching: RL post-training of flow models as reward-corrected regression.
 Bergmeister, Jegelka, Nuesken, Domingo-Enrich, Pidstrigach (2026), arXiv 2605.10759.
-Baseline: Flow-GRPO (Liu et al. 2025, arXiv 2505.05470).
+Baseline: Flow-GRPO (Liu et al. 2025, arXiv 2505.05470), run as its official code runs it.
 
 Claim reproduced
     KL-regularised reward maximisation of a flow model can be written as a consistency loss that
@@ -9,52 +9,79 @@ Claim reproduced
     (the paper: up to 50x on SD3.5-Medium, GenEval / OCR / PickScore).
 
 Paper -> code
-    the RAM loss (PAPERS.md section 1) ........... `ram_loss`, one round in `ram_round`
-    group-normalised advantages .................. `group_advantages` (shared by both methods)
-    p(t) ~ t, K re-noisings ...................... `ram_loss` (t = sqrt(U))
-    exact KL tilt of a Gaussian mixture .......... `tilted_mixture`, Part A `tilt_experiment`
-    Flow-GRPO SDE step and log-probability ....... common/sampler.py `sde_step`
-    Flow-GRPO clipped objective + KL to ref ...... `grpo_round`
-    GenEval-style "class at position" reward ..... `composition_reward`
-    PickScore stand-in ........................... `preference_reward`
+    the RAM loss: target v_ref + m A ((eps - x) - v_old) ... `ram_target`, `ram_loss`; a round: `ram_round`
+    p(t) ~ t, K re-noisings, lagged EMA policy ........ `ram_loss` (t = sqrt(U)), `ema_step`
+    advantages, per-prompt mean / round's global std .. `group_advantages` (both methods)
+    exact KL tilt of a Gaussian mixture ............... `tilted_mixture`, Part A `tilt_experiment`
+    the fixed point's own tilt (reconstructed) ........ `fixed_point_shift`, `quadratic_fixed_point_var`
+    Flow-GRPO SDE step and log-probability ............ common/sampler.py `sde_step`
+    Flow-GRPO clipped objective + beta KL to ref ...... `grpo_round`, `grpo_kl` (the official form)
+    "run until it levels off", read off smoothed ...... `plateau_reached`, `smooth`, `race_stats`
+    GenEval-style "class at position" reward .......... `composition_reward`
+    PickScore stand-in ................................ `preference_reward`
 
 Conventions (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, target u = eps - x.
     RAM and Flow-GRPO are written in this convention already (SD3). Adjoint Matching, which RAM
     derives from, puts noise at t = 0: t_ours = 1 - t_theirs, v_ours = -v_theirs. The reward
     multiplier m plays the role of 1/lambda, the inverse KL weight: p*(x) ~ p_ref(x) exp(r(x)/lambda).
 
-Why it works, and the under-tilt (reconstructed; PAPERS.md section 1). The tilted model keeps the
+Why it works, and where it under-tilts (reconstructed, ours). The tilted model keeps the
     pretraining noising law, so its velocity is E*[u | x_t], and along the tilt path
     d/dbeta E_beta[u | x_t] = Cov_beta(u, r | x_t) (beta = 1/lambda). RAM's regression has the fixed
-    point  v - v_ref = m * Cov_q(A, u | x_t) = m * E_q[A (u - v) | x_t]  (A: the advantage), i.e. it
-    uses the covariance at the END of the tilt path for the whole path. The exact tilt needs its
-    average,  int_0^m Cov_beta dbeta.  The two agree when the posterior of x given x_t keeps its
-    covariance under the tilt: a linear reward on a Gaussian (Part A: well-separated Gaussian modes). A
-    concave quadratic reward narrows the posterior as beta grows, so the end-point covariance is
-    the smallest one on the path: the correction is too small and the model is under-tilted (its
-    variance stays above the exact one). The path-cost term of the paper's Section 5 restores the
+    point  v - v_ref = m E_q[A (u - v) | x_t] = m Cov_q(A, u | x_t)  (A: the advantage), i.e. it
+    uses the covariance at the END of the tilt path for the whole path; the exact tilt needs its
+    average, int_0^m Cov_beta dbeta. The two agree when the posterior of x given x_t keeps its
+    covariance under the tilt: a linear reward on one Gaussian. Part A's mixture is close but not
+    exact: at high t the posterior spans several modes, whose weights the tilt changes. At t = 1 the
+    fixed point moves the mean by m Sigma_q w (`fixed_point_shift`): with the exact tilt's
+    covariance, x by 1.292 instead of 1.313, an error of 0.015 of the shift. A concave quadratic
+    reward narrows the posterior as beta grows, so the end-point covariance is the smallest on
+    the path and the model is under-tilted: for r = -a y^2 / 2 the fixed-point condition with a
+    Gaussian q asks for the exact variance s^2 / (1 + m a s^2) = 0.125 near t = 0 but for 0.155 near
+    t = 1 (`quadratic_fixed_point_var`). The path-cost term of the paper's Section 5 restores the
     missing part; the main algorithm, implemented here, drops it.
+
+Flow-GRPO as its official code runs it (yifan123/flow_grpo: sd3_sde_with_logprob.py, train_sd3.py,
+    config/grpo.py). Log-probabilities averaged over pixels (so the clip range is per pixel);
+    advantages (r - prompt mean) / (std of all rewards of the round) (`global_std`), clipped to +-5
+    in the loss; the KL is the pixel mean of (mean - mean_ref)^2 / (2 std_t^2) with
+    std_t = a sqrt(t / (1 - t)), WITHOUT the step's |dt| (the exact Gaussian KL is S = 10 times
+    larger: beta = 0.04 here is the official 0.04); training on int(0.99 S) = S - 1 of the S steps;
+    two optimizer steps per round. The same advantages feed RAM.
+
+The race. Both methods start from the same base model and seed, with the same prompts and the
+    same reward evaluations per round (9 classes x G), and run until their held-out reward levels
+    off or a cap: they stop when the mean of the last 5 evaluations is no higher than the best
+    earlier value of the curve smoothed over 3 evaluations, plus 0.01 (`plateau_reached`).
+    "Flow-GRPO's peak" is the maximum of its smoothed curve, and RAM's crossing the first point
+    where RAM's smoothed curve reaches it (`race_stats`); rounds, optimizer steps and training
+    seconds are compared at those two points. Both roll out in float32 on every device.
 
 Two things we found on the toy (ours, not the paper's). (1) The fixed point needs the rollout
     sampler to be accurate: it assumes the endpoints follow the flow of v_old exactly. With 16 Euler
     steps Part A stopped ~20% short of the linear tilt; with 64 it reaches it (Part A uses 64; the
     images keep 16, for time). (2) In v_old the target is a fixed-point iteration with gain
     -m E[A | x_t]: where m E[A | x_t] < -1 the linearised iteration is not a contraction and the EMA
-    only slows it. Our reading of why large learning rates (and m = 100) destabilise RAM here.
+    only slows it. Our reading of why large learning rates (and large m) destabilise RAM here.
 
 Deviations. Toy rewards on 16 px procedural shapes: "composition" = evaluator p(class) x a soft
-    left/right check (GenEval stand-in), "preference" = a smooth centred-and-large score (PickScore
-    stand-in); the CNN evaluator (common/evaluator.py) stands in for the papers' scorers, its FD for
-    FID. One 0.7 M-parameter TinyDiT instead of SD3.5-M; 40-120 rounds, not thousands. Part A uses raw
-    advantages A = r - mean(r) so that m = 1/lambda holds exactly (normalised advantages change the
-    effective lambda as the reward spread changes), clipped at 5 standard deviations against a
-    runaway sample. Flow-GRPO log-probabilities are averaged over pixels, as in its official code,
-    so the clip range is per pixel. Ours, not the papers': the reward definitions, all sizes, the
-    learning rates (swept, see README).
+    left/right check (GenEval stand-in), "preference" = evaluator p(class) x a smooth
+    centred-and-large score (PickScore stand-in); the CNN evaluator (common/evaluator.py) stands in
+    for the papers' scorers, its FD for FID. The held-out set is the 9 training classes on held-out
+    noises (no held-out prompts exist here). One 0.7 M-parameter TinyDiT instead of SD3.5-M, fully
+    fine-tuned (not LoRA), AdamW with beta2 = 0.99; hundreds of rounds, not thousands. RAM: one
+    optimizer step per round, K = 4 re-noisings (the paper: about 8), the lagged EMA without
+    warm-up. Both methods clip the gradient norm at 1 (common/train.py; Flow-GRPO's max_grad_norm is
+    also 1). Flow-GRPO: a uniform 10-step time grid (SD3's scheduler shifts it towards t = 1), no
+    CFG in rollouts, and at t = 1 the SDE std uses the next grid time in both parts of
+    sqrt(t / (1 - t)) (the official code keeps t = 1 in the numerator). Part A uses raw, unclipped
+    advantages A = r - mean(r), so that m = 1/lambda holds exactly (normalised advantages change the
+    effective lambda as the reward spread changes). Ours, not the papers': the reward definitions,
+    all sizes, the hyper-parameters (swept, see README).
 
 Run
-    python ram.py                    # cpu preset: both parts, both rewards, both methods (565 s measured, 2 cores)
-    python ram.py --sweep true       # also rerun the learning-rate / m / clip sweep (adds ~17 min)
+    python ram.py                    # cpu preset: both parts, both rewards, both methods (RUNTIME s measured, 2 cores)
+    python ram.py --sweep true       # also rerun the sweep of both methods (SWEEPTIME)
     python ram.py --preset smoke     # seconds, what the tests run
     python ram.py --preset gpu       # not measured yet
 """
