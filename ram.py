@@ -123,12 +123,12 @@ class Config(BaseConfig):
     group: int = field(8, "G: samples per prompt (class) per round, >= 2; 9 prompts, so 9 G reward "
                           "evaluations a round for either method")
     renoise: int = field(4, "K: re-noisings of each RAM endpoint (the paper uses about 8)")
-    ram_lr: float = field(3e-4, "RAM learning rate (swept: see README)")
+    ram_lr: float = field(1e-3, "RAM learning rate (swept: see README)")
     ram_m: float = field(10.0, "RAM reward multiplier m ~ 1/lambda (swept)")
     grpo_lr: float = field(1e-3, "Flow-GRPO learning rate (swept)")
     grpo_clip: float = field(1e-3, "Flow-GRPO clip range of the per-pixel ratio, < 1 (swept; the paper: 1e-4)")
-    grpo_beta: float = field(0.04, "Flow-GRPO KL weight in the official units (swept over 0, 0.004, 0.04; "
-                                   "the official GenEval/OCR configs: 0.04)", min=0)
+    grpo_beta: float = field(0.0, "Flow-GRPO KL weight in the official units (swept over 0, 0.004, 0.04; "
+                                  "the official GenEval/OCR configs use 0.04)", min=0)
     ode_steps: int = field(16, "Euler steps of RAM rollouts and of every evaluation")
     sde_steps: int = field(10, "SDE steps of Flow-GRPO rollouts, >= 2 (the paper trains with 10)")
     n_eval: int = field(144, "held-out noises, >= 18 (the 9 training classes in turn, each with a fixed noise)")
@@ -166,7 +166,7 @@ PRESETS = {
     "gpu": dict(base="gpu", tilt_rounds=2000, rounds=800, preference_rounds=200, group=24, renoise=8, n_eval=1152,
                 eval_every=5),
 }
-EMA_OLD = 0.9  # decay of RAM's lagged rollout policy, stepped once per round, no warm-up (swept)
+EMA_OLD = 0.8  # decay of RAM's lagged rollout policy, stepped once per round, no warm-up (swept; the paper: ~0.9)
 SDE_NOISE = 0.7  # Flow-GRPO's noise level a (official: noise_level = 0.7)
 GRPO_MINIBATCHES = 2  # optimizer steps per Flow-GRPO round, as in the official configs ("updated twice per epoch")
 GRPO_STEP_FRACTION = 0.99  # official timestep_fraction: it trains on int(0.99 S) = S - 1 of the S SDE steps
