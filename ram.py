@@ -50,12 +50,13 @@ Flow-GRPO as its official code runs it (yifan123/flow_grpo: sd3_sde_with_logprob
     two optimizer steps per round. The same advantages feed RAM.
 
 The race. Both methods start from the same base model and seed, with the same prompts and the
-    same reward evaluations per round (9 classes x G), and run until their held-out reward levels
-    off or a cap: they stop when the mean of the last 5 evaluations is no higher than the best
-    earlier value of the curve smoothed over 3 evaluations, plus 0.01 (`plateau_reached`).
-    "Flow-GRPO's peak" is the maximum of its smoothed curve, and RAM's crossing the first point
-    where RAM's smoothed curve reaches it (`race_stats`); rounds, optimizer steps and training
-    seconds are compared at those two points. Both roll out in float32 on every device.
+    same reward evaluations per round (9 classes x G); both roll out in float32 on every device.
+    Every curve is read through a trailing mean over 3 held-out evaluations (`smooth`). Flow-GRPO
+    runs all --rounds rounds, and has levelled off if the mean of its last 10 evaluations is no
+    higher than the best smoothed value before them plus 0.01 (`plateau_reached`); its peak is
+    the maximum of its smoothed curve. RAM runs until its smoothed curve reaches that peak, or as
+    many rounds. Rounds, optimizer steps and training seconds are compared at those two points
+    (`race_stats`), and also at half of Flow-GRPO's gain over the base.
 
 Two things we found on the toy (ours, not the paper's). (1) The fixed point needs the rollout
     sampler to be accurate: it assumes the endpoints follow the flow of v_old exactly. With 16 Euler
@@ -107,8 +108,8 @@ from common.train import EMA, make_optimizer, optimizer_step
 # %% config and presets
 
 SMOOTH = 3  # held-out curves are read through a trailing moving average over this many evaluations
-PLATEAU_WINDOW = 5  # a run stops when the mean of its last 5 evaluations ...
-PLATEAU_TOL = 0.01  # ... is no higher than the best smoothed value before them + 0.01 (`plateau_reached`)
+PLATEAU_WINDOW = 10  # a curve has levelled off when the mean of its last 10 evaluations (40 rounds at the cpu
+PLATEAU_TOL = 0.01  # preset) is no higher than the best smoothed value before them + 0.01 (`plateau_reached`)
 
 
 @dataclasses.dataclass
@@ -117,9 +118,9 @@ class Config(BaseConfig):
                              "CHECKPOINT_DIR)", choices=("smoke", "cpu", "gpu"))
     tilt_rounds: int = field(400, "Part A: RAM rounds on the 2-D mixture (seconds on a CPU)")
     tilt_batch: int = field(512, "Part A: endpoints per round (one prompt)")
-    rounds: int = field(400, "Part B, composition: the cap on rounds per method; each method stops earlier "
-                             "once its held-out reward levels off (the plateau rule)")
-    preference_rounds: int = field(40, "Part B, preference: the cap on rounds per method (same plateau rule)")
+    rounds: int = field(300, "Part B, composition: Flow-GRPO's rounds (then checked for a plateau), and the cap on "
+                             "RAM's, which stops once it reaches Flow-GRPO's peak")
+    preference_rounds: int = field(40, "Part B, preference: the same, for the preference reward")
     group: int = field(8, "G: samples per prompt (class) per round, >= 2; 9 prompts, so 9 G reward "
                           "evaluations a round for either method")
     renoise: int = field(4, "K: re-noisings of each RAM endpoint (the paper uses about 8)")
@@ -141,8 +142,9 @@ class Config(BaseConfig):
             raise UserError(f"--group must be >= 2 (advantages compare samples of one prompt), got {self.group}")
         for flag, cap in (("--rounds", self.rounds), ("--preference-rounds", self.preference_rounds)):
             if cap < PLATEAU_WINDOW * self.eval_every:
-                raise UserError(f"{flag} {cap} is too short for the plateau rule: it needs {PLATEAU_WINDOW} "
-                                f"evaluations, i.e. at least {PLATEAU_WINDOW} x --eval-every {self.eval_every}")
+                raise UserError(f"{flag} {cap} is too short for the plateau check: it needs {PLATEAU_WINDOW} "
+                                f"evaluations after the base, i.e. at least {PLATEAU_WINDOW} x --eval-every "
+                                f"{self.eval_every}")
         if self.n_eval < 18:
             raise UserError(f"--n-eval must be >= 18 (two held-out noises per class), got {self.n_eval}")
         if self.sde_steps < 2:
@@ -154,16 +156,16 @@ class Config(BaseConfig):
         if self.tilt_batch < 2:
             raise UserError(f"--tilt-batch must be >= 2 (advantages are rewards minus their mean), "
                             f"got {self.tilt_batch}")
-        if self.sweep and self.rounds // 4 < 2 * SWEEP_EVAL_EVERY:
-            raise UserError(f"--sweep true runs --rounds / 4 rounds per setting and needs at least "
-                            f"{8 * SWEEP_EVAL_EVERY}, got --rounds {self.rounds}")
+        if self.sweep and self.rounds // 3 < 2 * SWEEP_EVAL_EVERY:
+            raise UserError(f"--sweep true runs --rounds / 3 rounds per setting and needs --rounds >= "
+                            f"{6 * SWEEP_EVAL_EVERY}, got {self.rounds}")
 
 
 PRESETS = {
-    "smoke": dict(base="smoke", tilt_rounds=40, tilt_batch=128, rounds=6, preference_rounds=5, group=2, renoise=2,
+    "smoke": dict(base="smoke", tilt_rounds=40, tilt_batch=128, rounds=10, preference_rounds=10, group=2, renoise=2,
                   ode_steps=4, sde_steps=3, n_eval=18, eval_every=1),
     "cpu": dict(),
-    "gpu": dict(base="gpu", tilt_rounds=2000, rounds=800, preference_rounds=200, group=24, renoise=8, n_eval=1152,
+    "gpu": dict(base="gpu", tilt_rounds=2000, rounds=600, preference_rounds=200, group=24, renoise=8, n_eval=1152,
                 eval_every=5),
 }
 EMA_OLD = 0.8  # decay of RAM's lagged rollout policy, stepped once per round, no warm-up (swept; the paper: ~0.9)
@@ -468,8 +470,9 @@ def smooth(values: list, k: int = SMOOTH) -> list:
 
 
 def plateau_reached(rewards: list, window: int = PLATEAU_WINDOW, tol: float = PLATEAU_TOL) -> bool:
-    """rewards: held-out evaluations so far, the base model's first. True when the mean of the last
-    `window` evaluations is no higher than the best smoothed value before them plus tol."""
+    """rewards: held-out evaluations, the base model's first. True when the mean of the last `window`
+    evaluations is no higher than the best smoothed value before them plus tol: the curve has
+    levelled off (or fallen back)."""
     if len(rewards) < window + 1:  # the window and at least one evaluation before it
         return False
     before = smooth(rewards)[:-window]
@@ -481,18 +484,18 @@ def sample_images(model, y, noise, steps: int, batch: int = 288) -> torch.Tensor
     return sample_labels(model, y, steps, 1.0, batch=batch, noise=noise)
 
 
-def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, progress=True, stop=True):
-    """One method from the base weights, until the plateau rule fires (if `stop`) or `rounds`.
-    hp: lr plus m and ema (RAM) or clip and beta (Flow-GRPO). held_out = (labels, noise, base_reward).
-    -> (curve, final held-out samples). `seconds` counts training only (rollouts, rewards, updates),
-    not the held-out evaluations."""
+def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, progress=True, target=None):
+    """One method from the base weights for `rounds` rounds, or until its smoothed held-out curve
+    reaches `target`. hp: lr plus m and ema (RAM) or clip and beta (Flow-GRPO).
+    held_out = (labels, noise, base_reward). -> (curve, final held-out samples). `seconds` counts
+    training only (rollouts, rewards, updates), not the held-out evaluations."""
     policy, ref = copy.deepcopy(base).train().requires_grad_(True), base.eval().requires_grad_(False)
     old = copy.deepcopy(base) if method == "ram" else None  # never trained: it follows the policy by EMA
     opt = make_optimizer(policy, hp["lr"])
     g = torch.Generator().manual_seed(seed)  # the same seed for both methods: the same draws where they match
     y = prompts_for_round(base.n_classes, cfg.group).to(device)
     y_eval, noise_eval, base_reward = held_out
-    curve = dict(rounds=[0], optimizer_steps=[0], reward=[base_reward], seconds=[0.0], plateaued=False)
+    curve = dict(rounds=[0], optimizer_steps=[0], reward=[base_reward], seconds=[0.0], reached_target=False)
     n_steps, seconds = 0, 0.0
     bar = tqdm(range(1, rounds + 1), desc=f"{method}", leave=False, disable=not progress, mininterval=1.0)
     for rnd in bar:
@@ -510,31 +513,43 @@ def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, 
             curve["reward"].append(reward(x, y_eval).mean().item())
             curve["seconds"].append(round(seconds, 2))
             bar.set_postfix(train=f"{r_train:.3f}", held_out=f"{curve['reward'][-1]:.3f}", refresh=False)
-            if stop and plateau_reached(curve["reward"]):
-                curve["plateaued"] = True
+            if target is not None and smooth(curve["reward"])[-1] >= target:
+                curve["reached_target"] = True
                 break
     curve["smoothed"] = smooth(curve["reward"])
     return curve, sample_images(policy, y_eval, noise_eval, cfg.ode_steps)
 
 
+def first_at(curve: dict, level: float):
+    """Index of the first evaluation whose smoothed value reaches `level`, or None."""
+    return next((k for k, v in enumerate(smooth(curve["reward"])) if v >= level), None)
+
+
 def race_stats(ram, grpo) -> dict:
     """Flow-GRPO's peak (the maximum of its smoothed held-out curve) and where it got there; the first
     evaluation at which RAM's smoothed curve reaches it; the ratios of rounds, optimizer steps and
-    training seconds to those two points (None when RAM never gets there)."""
-    s_g, s_r = smooth(grpo["reward"]), smooth(ram["reward"])
+    training seconds to those two points (None when RAM never gets there). The same for half of
+    Flow-GRPO's gain over the base (base + (peak - base) / 2): how fast each method starts."""
+    s_g = smooth(grpo["reward"])
     i = max(range(len(s_g)), key=lambda k: s_g[k])  # the first index of the maximum
-    j = next((k for k, v in enumerate(s_r) if v >= s_g[i]), None)
+    j = first_at(ram, s_g[i])
     ok = j is not None and ram["rounds"][j] > 0 and grpo["rounds"][i] > 0
     at = lambda curve, k, key: curve[key][k] if k is not None else None  # noqa: E731
     ratio = lambda key: grpo[key][i] / ram[key][j] if ok else None  # noqa: E731
-    return dict(grpo_peak=s_g[i], grpo_plateaued=grpo["plateaued"], ram_plateaued=ram["plateaued"],
+    half = grpo["reward"][0] + (s_g[i] - grpo["reward"][0]) / 2
+    hg, hr = first_at(grpo, half), first_at(ram, half)
+    half_ok = hr is not None and ram["rounds"][hr] > 0 and grpo["rounds"][hg] > 0
+    return dict(grpo_peak=s_g[i], grpo_plateaued=plateau_reached(grpo["reward"]),
                 grpo_rounds_run=grpo["rounds"][-1], ram_rounds_run=ram["rounds"][-1],
+                ram_reached_grpo_peak=j is not None, ram_peak=max(smooth(ram["reward"])),
                 grpo_rounds_to_peak=grpo["rounds"][i], grpo_optimizer_steps_to_peak=grpo["optimizer_steps"][i],
                 grpo_seconds_to_peak=grpo["seconds"][i], ram_rounds_to_grpo_peak=at(ram, j, "rounds"),
                 ram_optimizer_steps_to_grpo_peak=at(ram, j, "optimizer_steps"),
-                ram_seconds_to_grpo_peak=at(ram, j, "seconds"), ram_peak=max(s_r),
-                rounds_ratio=ratio("rounds"), opt_steps_ratio=ratio("optimizer_steps"),
-                seconds_ratio=ratio("seconds"))
+                ram_seconds_to_grpo_peak=at(ram, j, "seconds"),
+                rounds_ratio=ratio("rounds"), opt_steps_ratio=ratio("optimizer_steps"), seconds_ratio=ratio("seconds"),
+                half_gain=half, grpo_rounds_to_half_gain=grpo["rounds"][hg],
+                ram_rounds_to_half_gain=at(ram, hr, "rounds"),
+                half_gain_rounds_ratio=grpo["rounds"][hg] / ram["rounds"][hr] if half_ok else None)
 
 
 def diversity(features: torch.Tensor, y: torch.Tensor) -> float:
@@ -570,7 +585,7 @@ SWEEP_EVAL_EVERY = 5
 
 
 def sweep(cfg, base, rewards, device, progress=True) -> list:
-    """SWEEP_STAGES on the composition reward: a quarter of the cap (no early stop), half the held-out
+    """SWEEP_STAGES on the composition reward: a third of the rounds (no early stop), half the held-out
     noises (noises of their own, not the reported ones), evaluated every SWEEP_EVAL_EVERY rounds.
     Score: the peak of the smoothed held-out curve, the quantity the race reads."""
     cfg = dataclasses.replace(cfg, n_eval=max(18, cfg.n_eval // 2), eval_every=SWEEP_EVAL_EVERY)
@@ -587,15 +602,15 @@ def sweep(cfg, base, rewards, device, progress=True) -> list:
                 key = tuple(sorted(hp.items()))
                 if key in scored:
                     continue
-                curve, _ = train_method(method, base, reward, cfg, hp, max(2, cfg.rounds // 4), (y, noise, base_r),
-                                        device, cfg.seed + 1, progress=False, stop=False)
+                curve, _ = train_method(method, base, reward, cfg, hp, max(2, cfg.rounds // 3), (y, noise, base_r),
+                                        device, cfg.seed + 1, progress=False)
                 scored[key] = max(curve["smoothed"])
                 rows.append(dict(method=method, stage=name, **hp, score=scored[key], final=curve["smoothed"][-1],
                                  seconds=curve["seconds"][-1]))
                 if progress:
                     print(rows[-1])
             best = dict(max(scored.items(), key=lambda kv: kv[1])[0])
-    return dict(base=base_r, rounds=max(2, cfg.rounds // 4), rows=rows)
+    return dict(base=base_r, rounds=max(2, cfg.rounds // 3), rows=rows)
 
 
 # %% figures
@@ -622,7 +637,7 @@ def figures(out, tilt_points, rewards_out, samples):
                 curve = res[method]
                 ax.plot(curve[xkey], curve["reward"], "o", ms=2, alpha=0.35, color=col)
                 ax.plot(curve[xkey], curve["smoothed"], color=col,
-                        label=f"{lab}{' (stopped: plateau)' if curve['plateaued'] else ''}")
+                        label=f"{lab}{' (stops at the peak)' if curve['reached_target'] else ''}")
             ax.axhline(res["base_reward"], color="gray", ls="--", lw=1, label="base model")
             ax.axhline(res["grpo_peak"], color="C1", ls=":", lw=1, label="Flow-GRPO peak (smoothed)")
             ax.set(xlabel=label, ylabel=f"held-out reward (dots; lines: mean of {SMOOTH})", title=f"{rname} reward")
@@ -650,8 +665,10 @@ def claims_of(results: dict) -> list:
                     paper=paper, ours=res["rounds_ratio"], key=f"rewards.{rname}.rounds_ratio",
                     criterion="grpo_plateaued and rounds_ratio >= 2", reproduced=bool(ok),
                     note="equal reward evaluations per round; peak and crossing read from curves smoothed over "
-                         f"{SMOOTH} evaluations; Flow-GRPO {'plateaued' if res['grpo_plateaued'] else 'hit the cap'}"
-                         f" at round {res['grpo_rounds_run']}")
+                         f"{SMOOTH} evaluations; Flow-GRPO ran {res['grpo_rounds_run']} rounds and "
+                         f"{'levelled off' if res['grpo_plateaued'] else 'was still rising'}; RAM "
+                         + (f"got there at round {res['ram_rounds_to_grpo_peak']}" if res["ram_reached_grpo_peak"]
+                            else f"peaked at {res['ram_peak']:.3f} in {res['ram_rounds_run']} rounds"))
 
     return [race_claim("composition", comp, "up to 50x fewer steps (GenEval, SD3.5-M)"),
             race_claim("preference", pref, "up to 50x fewer steps (PickScore, SD3.5-M)"),
@@ -690,11 +707,12 @@ def run(cfg: Config) -> dict:
         t0 = time.perf_counter()
         base_r = reward(x_base, y_eval).mean().item()
         rounds = cfg.rounds if rname == "composition" else cfg.preference_rounds
-        runs = {}
-        for method in ("grpo", "ram"):  # both under the same stopping rule and cap, from the same seed
-            runs[method] = train_method(method, base, reward, cfg, hps[method], rounds, (y_eval, noise_eval, base_r),
-                                        device, cfg.seed + 1)
-        (grpo, x_grpo), (ram, x_ram) = runs["grpo"], runs["ram"]
+        held_out = (y_eval, noise_eval, base_r)
+        # Flow-GRPO runs every round, then its curve is checked for a plateau; RAM, from the same seed, runs
+        # until its smoothed curve reaches Flow-GRPO's smoothed peak, or the same number of rounds
+        grpo, x_grpo = train_method("grpo", base, reward, cfg, hps["grpo"], rounds, held_out, device, cfg.seed + 1)
+        ram, x_ram = train_method("ram", base, reward, cfg, hps["ram"], rounds, held_out, device, cfg.seed + 1,
+                                  target=max(grpo["smoothed"]))
         results_rewards[rname] = dict(
             ram=ram, grpo=grpo, base_reward=base_r, **race_stats(ram, grpo),
             ram_final=ram["reward"][-1], grpo_final=grpo["reward"][-1],
@@ -740,8 +758,8 @@ def run(cfg: Config) -> dict:
                        "class accuracy"))
     print()
     print_table([(f"{rname}: {k}", res[k]) for rname, res in results_rewards.items()
-                 for k in ("grpo_peak", "grpo_plateaued", "grpo_rounds_to_peak", "ram_rounds_to_grpo_peak",
-                           "rounds_ratio", "opt_steps_ratio", "seconds_ratio")]
+                 for k in ("grpo_peak", "grpo_plateaued", "grpo_rounds_to_peak", "ram_peak", "ram_rounds_to_grpo_peak",
+                           "rounds_ratio", "opt_steps_ratio", "seconds_ratio", "half_gain_rounds_ratio")]
                 + [("seconds", results["seconds"])])
     print()
     print_table([(c["claim"], c["paper"], c["ours"], c["reproduced"]) for c in results["claims"]],

@@ -165,16 +165,20 @@ def test_quadratic_fixed_point_var_solves_the_condition_near_t1():
 
 def test_plateau_rule_on_hand_made_curves():
     rising = [0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70]
-    assert not ram.plateau_reached(rising)
-    assert not ram.plateau_reached(rising[:5])  # too short to judge: the window needs 5 plus one before it
+    assert not ram.plateau_reached(rising, window=5)
+    assert not ram.plateau_reached(rising[:5], window=5)  # too short to judge: the window needs 5 plus one before it
     flat = [0.40, 0.50, 0.60, 0.62, 0.61, 0.63, 0.62, 0.61]  # best smoothed before the window: 0.50
-    assert not ram.plateau_reached(flat)  # the window's mean 0.618 is more than 0.01 above it
+    assert not ram.plateau_reached(flat, window=5)  # the window's mean 0.618 is more than 0.01 above it
     flat += [0.62, 0.61, 0.62]  # window mean 0.616; best smoothed before it: (0.62 + 0.61 + 0.63) / 3 = 0.62
-    assert ram.plateau_reached(flat)
-    assert ram.plateau_reached([0.4, 0.41, 0.40, 0.39, 0.40, 0.41])  # never learned: a plateau at the base
+    assert ram.plateau_reached(flat, window=5)
+    assert ram.plateau_reached([0.4, 0.41, 0.40, 0.39, 0.40, 0.41], window=5)  # never learned: a plateau at the base
     # one lucky evaluation (0.9) does not set the bar alone: the best smoothed value before the window is
     # 0.617, the window's mean 0.642 (against the raw 0.9 the run would have stopped here)
-    assert not ram.plateau_reached([0.4, 0.45, 0.9, 0.5, 0.55, 0.65, 0.66, 0.67, 0.68])
+    assert not ram.plateau_reached([0.4, 0.45, 0.9, 0.5, 0.55, 0.65, 0.66, 0.67, 0.68], window=5)
+    # the default window, 10 evaluations: a stall of 5 (here after a climb) is not yet a plateau
+    stall = [0.40, 0.45, 0.50, 0.52, 0.51, 0.50, 0.50, 0.49, 0.48]
+    assert ram.plateau_reached(stall, window=5) and not ram.plateau_reached(stall)
+    assert ram.plateau_reached(stall + [0.49] * 5)  # 10 evaluations without a new high: a plateau
 
 
 def test_smooth_is_a_trailing_mean_of_three():
@@ -183,16 +187,20 @@ def test_smooth_is_a_trailing_mean_of_three():
 
 def test_race_stats_read_smoothed_curves():
     grpo = dict(rounds=[0, 2, 4, 6, 8], optimizer_steps=[0, 4, 8, 12, 16], seconds=[0, 4, 8, 12, 16],
-                reward=[0.3, 0.6, 0.6, 0.9, 0.3], plateaued=True)  # smoothed: .3 .45 .5 .7 .6
+                reward=[0.3, 0.6, 0.7, 0.9, 0.3])  # smoothed: .3 .45 .533 .733 .633
     ram_ = dict(rounds=[0, 2, 4, 6, 8], optimizer_steps=[0, 2, 4, 6, 8], seconds=[0, 1, 2, 3, 4],
-                reward=[0.3, 0.8, 0.8, 0.8, 0.8], plateaued=False)  # smoothed: .3 .55 .633 .8 .8
+                reward=[0.3, 0.8, 0.8, 0.8, 0.8])  # smoothed: .3 .55 .633 .8 .8
     s = ram.race_stats(ram_, grpo)
-    assert abs(s["grpo_peak"] - 0.7) < 1e-9 and s["grpo_rounds_to_peak"] == 6  # not the raw 0.9
+    assert abs(s["grpo_peak"] - 2.2 / 3) < 1e-9 and s["grpo_rounds_to_peak"] == 6  # not the raw 0.9
     assert s["ram_rounds_to_grpo_peak"] == 6 and s["rounds_ratio"] == 1.0
     assert s["opt_steps_ratio"] == 2.0 and s["seconds_ratio"] == 4.0
-    assert s["grpo_plateaued"] and s["grpo_rounds_run"] == 8
+    assert abs(s["half_gain"] - (0.3 + (2.2 / 3 - 0.3) / 2)) < 1e-9 and s["grpo_rounds_to_half_gain"] == 4
+    assert s["ram_rounds_to_half_gain"] == 2 and s["half_gain_rounds_ratio"] == 2.0
+    assert s["grpo_rounds_run"] == 8 and s["ram_reached_grpo_peak"]
+    assert s["grpo_plateaued"] == ram.plateau_reached(grpo["reward"]) is False  # 4 evaluations: too few to tell
     never = ram.race_stats(dict(ram_, reward=[0.3] * 5), grpo)
     assert never["rounds_ratio"] is None and never["ram_rounds_to_grpo_peak"] is None
+    assert not never["ram_reached_grpo_peak"] and never["half_gain_rounds_ratio"] is None
 
 
 def test_grpo_kl_is_the_official_form():
@@ -229,10 +237,10 @@ def test_both_methods_roll_out_in_the_same_precision(monkeypatch):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--group", "1"], "--group"), (["--rounds", "12"], "plateau"), (["--preference-rounds", "19"], "plateau"),
+    (["--group", "1"], "--group"), (["--rounds", "36"], "plateau"), (["--preference-rounds", "39"], "plateau"),
     (["--eval-every", "100"], "plateau"), (["--n-eval", "9"], "--n-eval"), (["--sde-steps", "1"], "--sde-steps"),
     (["--grpo-clip", "1.5"], "--grpo-clip"), (["--grpo-beta", "-0.1"], "--grpo-beta"),
-    (["--tilt-batch", "1"], "--tilt-batch"), (["--sweep", "true", "--rounds", "36"], "--sweep"),
+    (["--tilt-batch", "1"], "--tilt-batch"), (["--sweep", "true", "--rounds", "29", "--eval-every", "2"], "--sweep"),
 ])
 def test_bad_input_is_refused_in_one_line(capsys, flags, words):
     with pytest.raises(SystemExit) as e:
@@ -244,7 +252,7 @@ def test_bad_input_is_refused_in_one_line(capsys, flags, words):
 def test_sweep_gives_both_methods_seven_runs_stage_by_stage(monkeypatch):
     calls = []
 
-    def fake_train(method, base, reward, cfg, hp, rounds, held_out, device, seed, progress=True, stop=True):
+    def fake_train(method, base, reward, cfg, hp, rounds, held_out, device, seed, progress=True, target=None):
         calls.append((method, dict(hp)))
         score = -abs(math.log10(hp["lr"]) + 3.5) + hp.get("m", 0) / 100 + hp.get("beta", 0)  # best: lr 3e-4, m 30
         return dict(smoothed=[0.0, score], seconds=[0.0, 1.0]), None
@@ -276,10 +284,12 @@ def test_smoke_run_writes_every_key(tmp_path):
             assert curve["rounds"][0] == 0 and curve["reward"][0] == res_r["base_reward"]
             assert all(math.isfinite(v) for v in curve["reward"])
             assert math.isfinite(res_r["fd_to_base"][method]) and math.isfinite(res_r["diversity"][method])
-            # a run ends where the plateau rule first fired, or at the cap
-            assert curve["plateaued"] == ram.plateau_reached(curve["reward"])
-            assert not any(ram.plateau_reached(curve["reward"][:k]) for k in range(len(curve["reward"])))
-            assert curve["plateaued"] or curve["rounds"][-1] in (5, 6)
+        # Flow-GRPO runs every round; RAM stops at the first evaluation where it reaches Flow-GRPO's peak
+        assert res_r["grpo"]["rounds"][-1] == 10 and not res_r["grpo"]["reached_target"]
+        reached = [v >= res_r["grpo_peak"] for v in res_r["ram"]["smoothed"]]
+        assert res_r["ram"]["reached_target"] == reached[-1] and not any(reached[:-1])
+        assert res_r["ram"]["reached_target"] or res_r["ram"]["rounds"][-1] == 10
+        assert res_r["grpo_plateaued"] == ram.plateau_reached(res_r["grpo"]["reward"])
     for claim in saved["claims"]:  # each claim's number is the one stored under its key
         node = saved
         for part in claim["key"].split("."):
