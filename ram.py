@@ -119,7 +119,7 @@ class Config(BaseConfig):
                              "CHECKPOINT_DIR)", choices=("smoke", "cpu", "gpu"))
     tilt_rounds: int = field(400, "Part A: RAM rounds on the 2-D mixture (seconds on a CPU)")
     tilt_batch: int = field(512, "Part A: endpoints per round (one prompt)")
-    rounds: int = field(400, "Part B, composition: Flow-GRPO's rounds (then checked for a plateau), and the cap on "
+    rounds: int = field(300, "Part B, composition: Flow-GRPO's rounds (then checked for a plateau), and the cap on "
                              "RAM's, which stops once it reaches Flow-GRPO's peak")
     preference_rounds: int = field(40, "Part B, preference: the same, for the preference reward")
     group: int = field(8, "G: samples per prompt (class) per round, >= 2; 9 prompts, so 9 G reward "
@@ -127,7 +127,7 @@ class Config(BaseConfig):
     renoise: int = field(4, "K: re-noisings of each RAM endpoint (the paper uses about 8)")
     ram_lr: float = field(1e-3, "RAM learning rate (swept: see README)")
     ram_m: float = field(10.0, "RAM reward multiplier m ~ 1/lambda (swept)")
-    grpo_lr: float = field(3e-4, "Flow-GRPO learning rate (swept)")
+    grpo_lr: float = field(1e-3, "Flow-GRPO learning rate (swept)")
     grpo_clip: float = field(1e-3, "Flow-GRPO clip range of the per-pixel ratio, < 1 (swept; the paper: 1e-4)")
     grpo_beta: float = field(0.0, "Flow-GRPO KL weight in the official units (swept over 0, 0.004, 0.04; "
                                   "the official GenEval/OCR configs use 0.04)", min=0)
@@ -157,9 +157,9 @@ class Config(BaseConfig):
         if self.tilt_batch < 2:
             raise UserError(f"--tilt-batch must be >= 2 (advantages are rewards minus their mean), "
                             f"got {self.tilt_batch}")
-        if self.sweep and self.rounds // 4 < 2 * SWEEP_EVAL_EVERY:
-            raise UserError(f"--sweep true runs --rounds / 4 rounds per setting and needs --rounds >= "
-                            f"{8 * SWEEP_EVAL_EVERY}, got {self.rounds}")
+        if self.sweep and self.rounds // 3 < 2 * SWEEP_EVAL_EVERY:
+            raise UserError(f"--sweep true runs --rounds / 3 rounds per setting and needs --rounds >= "
+                            f"{6 * SWEEP_EVAL_EVERY}, got {self.rounds}")
 
 
 PRESETS = {
@@ -620,7 +620,7 @@ SWEEP_EVAL_EVERY = 5
 
 
 def sweep(cfg, base, rewards, device, guard=None, progress=True) -> dict:
-    """SWEEP_STAGES on the composition reward: a quarter of the rounds (no target), half the held-out
+    """SWEEP_STAGES on the composition reward: a third of the rounds (no target), half the held-out
     noises (noises of their own, not the reported ones), evaluated every SWEEP_EVAL_EVERY rounds,
     under the same drift guard as the race (guard(x_base, y) -> (drift, bound); None: no guard).
     Score: the peak of the smoothed held-out curve while the samples stay in the data."""
@@ -640,7 +640,7 @@ def sweep(cfg, base, rewards, device, guard=None, progress=True) -> dict:
                 key = tuple(sorted(hp.items()))
                 if key in scored:
                     continue
-                curve, _ = train_method(method, base, reward, cfg, hp, max(2, cfg.rounds // 4), held_out, device,
+                curve, _ = train_method(method, base, reward, cfg, hp, max(2, cfg.rounds // 3), held_out, device,
                                         cfg.seed + 1, progress=False)
                 scored[key] = max(curve["smoothed"])
                 rows.append(dict(method=method, stage=name, **hp, score=scored[key], final=curve["smoothed"][-1],
@@ -649,7 +649,7 @@ def sweep(cfg, base, rewards, device, guard=None, progress=True) -> dict:
                 if progress:
                     print(rows[-1], flush=True)
             best = dict(max(scored.items(), key=lambda kv: kv[1])[0])
-    return dict(base=held_out.base_reward, bound=bound, rounds=max(2, cfg.rounds // 4), rows=rows)
+    return dict(base=held_out.base_reward, bound=bound, rounds=max(2, cfg.rounds // 3), rows=rows)
 
 
 # %% figures
