@@ -58,12 +58,15 @@ The race. Both methods start from the same base model and seed, with the same pr
     many rounds. Rounds, optimizer steps and training seconds are compared at those two points
     (`race_stats`), and also at half of Flow-GRPO's gain over the base.
 
-Two things we found on the toy (ours, not the paper's). (1) The fixed point needs the rollout
+Three things we found on the toy (ours, not the paper's). (1) The fixed point needs the rollout
     sampler to be accurate: it assumes the endpoints follow the flow of v_old exactly. With 16 Euler
     steps Part A stopped ~20% short of the linear tilt; with 64 it reaches it (Part A uses 64; the
     images keep 16, for time). (2) In v_old the target is a fixed-point iteration with gain
     -m E[A | x_t]: where m E[A | x_t] < -1 the linearised iteration is not a contraction and the EMA
     only slows it. Our reading of why large learning rates (and large m) destabilise RAM here.
+    (3) Tuned for reward alone, Flow-GRPO drops its KL (beta = 0) and wins the CNN-scored reward with
+    coloured noise that the scorer reads as the prompted class: its evaluator FD to the base ends
+    five times RAM's. The race reports that drift beside the reward (see README).
 
 Deviations. Toy rewards on 16 px procedural shapes: "composition" = evaluator p(class) x a soft
     left/right check (GenEval stand-in), "preference" = evaluator p(class) x a smooth
@@ -81,8 +84,8 @@ Deviations. Toy rewards on 16 px procedural shapes: "composition" = evaluator p(
     all sizes, the hyper-parameters (swept, see README).
 
 Run
-    python ram.py                    # cpu preset: both parts, both rewards, both methods (RUNTIME s measured, 2 cores)
-    python ram.py --sweep true       # also rerun the sweep of both methods (SWEEPTIME)
+    python ram.py                    # cpu preset: both parts, both rewards, both methods (703 s measured, 2 cores)
+    python ram.py --sweep true       # also rerun the sweep of both methods (adds ~37 min, measured on 1 core)
     python ram.py --preset smoke     # seconds, what the tests run
     python ram.py --preset gpu       # not measured yet
 """
