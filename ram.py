@@ -177,6 +177,7 @@ GRPO_MINIBATCHES = 2  # optimizer steps per Flow-GRPO round, as in the official 
 GRPO_STEP_FRACTION = 0.99  # official timestep_fraction: it trains on int(0.99 S) = S - 1 of the S SDE steps
 ADV_CLIP = 5.0  # Flow-GRPO clips advantages to +-5 inside its loss (official adv_clip_max); RAM does not clip
 ROLLOUT_BF16 = False  # both methods roll out in float32 on every device (on the CPU there is no bf16 anyway)
+JUDGE_SEEDS = (1, 2)  # the held-out scorers: the reward's evaluator retrained with these seeds (`make_judges`)
 
 # %% the method: advantages and the RAM loss
 
@@ -487,18 +488,23 @@ def sample_images(model, y, noise, steps: int, batch: int = 288) -> torch.Tensor
     return sample_labels(model, y, steps, 1.0, batch=batch, noise=noise)
 
 
-def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, progress=True, target=None):
+def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, progress=True, target=None,
+                 judge=None):
     """One method from the base weights for `rounds` rounds, or until its smoothed held-out curve
     reaches `target`. hp: lr plus m and ema (RAM) or clip and beta (Flow-GRPO).
-    held_out = (labels, noise, base_reward). -> (curve, final held-out samples). `seconds` counts
-    training only (rollouts, rewards, updates), not the held-out evaluations."""
+    held_out = (labels, noise, base_reward). The held-out curve ("reward") is scored by `judge`, the
+    same reward with scorers the policy never trains against (`make_judges`); "proxy" is the training
+    scorer on the same samples (judge None: the training scorer for both). -> (curve, final held-out
+    samples). `seconds` counts training only (rollouts, rewards, updates), not the evaluations."""
+    judge = reward if judge is None else judge
     policy, ref = copy.deepcopy(base).train().requires_grad_(True), base.eval().requires_grad_(False)
     old = copy.deepcopy(base) if method == "ram" else None  # never trained: it follows the policy by EMA
     opt = make_optimizer(policy, hp["lr"])
     g = torch.Generator().manual_seed(seed)  # the same seed for both methods: the same draws where they match
     y = prompts_for_round(base.n_classes, cfg.group).to(device)
     y_eval, noise_eval, base_reward = held_out
-    curve = dict(rounds=[0], optimizer_steps=[0], reward=[base_reward], seconds=[0.0], reached_target=False)
+    curve = dict(rounds=[0], optimizer_steps=[0], reward=[base_reward], seconds=[0.0], reached_target=False,
+                 proxy=[reward(sample_images(base, y_eval, noise_eval, cfg.ode_steps), y_eval).mean().item()])
     n_steps, seconds = 0, 0.0
     bar = tqdm(range(1, rounds + 1), desc=f"{method}", leave=False, disable=not progress, mininterval=1.0)
     for rnd in bar:
@@ -513,7 +519,8 @@ def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, 
             x = sample_images(policy, y_eval, noise_eval, cfg.ode_steps)
             curve["rounds"].append(rnd)
             curve["optimizer_steps"].append(n_steps)
-            curve["reward"].append(reward(x, y_eval).mean().item())
+            curve["reward"].append(judge(x, y_eval).mean().item())
+            curve["proxy"].append(reward(x, y_eval).mean().item())
             curve["seconds"].append(round(seconds, 2))
             bar.set_postfix(train=f"{r_train:.3f}", held_out=f"{curve['reward'][-1]:.3f}", refresh=False)
             if target is not None and smooth(curve["reward"])[-1] >= target:
@@ -571,6 +578,15 @@ def make_rewards(evaluator):
                 preference=lambda x, y: preference_reward(x, y, class_probs))
 
 
+def make_judges(evaluators) -> dict:
+    """The held-out measure: each reward with evaluators of other seeds in place of the training
+    scorer, averaged. The policy never sees them, so it cannot learn their quirks: coloured noise
+    that the training scorer reads as the prompted class is not what these read (README)."""
+    per_judge = [make_rewards(ev) for ev in evaluators]
+    return {name: (lambda x, y, name=name: torch.stack([r[name](x, y) for r in per_judge]).mean(0))
+            for name in per_judge[0]}
+
+
 def held_out_set(cfg, base, seed: int):
     """Held-out noises: the training classes in turn, each with its own fixed noise (never used in
     training), the same for every model and round."""
@@ -587,14 +603,15 @@ SWEEP_STAGES = dict(ram=(("lr", (1e-4, 3e-4, 1e-3)), ("m", (3.0, 30.0)), ("ema",
 SWEEP_EVAL_EVERY = 5
 
 
-def sweep(cfg, base, rewards, device, progress=True) -> list:
+def sweep(cfg, base, rewards, device, progress=True, judges=None) -> list:
     """SWEEP_STAGES on the composition reward: a third of the rounds (no early stop), half the held-out
     noises (noises of their own, not the reported ones), evaluated every SWEEP_EVAL_EVERY rounds.
-    Score: the peak of the smoothed held-out curve, the quantity the race reads."""
+    Score: the peak of the smoothed held-out curve as the judges score it, the quantity the race reads."""
     cfg = dataclasses.replace(cfg, n_eval=max(18, cfg.n_eval // 2), eval_every=SWEEP_EVAL_EVERY)
     y, noise = held_out_set(cfg, base, cfg.seed + 555)
     reward = rewards["composition"]
-    base_r = reward(sample_images(base, y, noise, cfg.ode_steps), y).mean().item()
+    judge = reward if judges is None else judges["composition"]
+    base_r = judge(sample_images(base, y, noise, cfg.ode_steps), y).mean().item()
     rows = []
     for method, stages in SWEEP_STAGES.items():
         best = dict(SWEEP_CENTRE[method])
@@ -606,10 +623,10 @@ def sweep(cfg, base, rewards, device, progress=True) -> list:
                 if key in scored:
                     continue
                 curve, _ = train_method(method, base, reward, cfg, hp, max(2, cfg.rounds // 3), (y, noise, base_r),
-                                        device, cfg.seed + 1, progress=False)
+                                        device, cfg.seed + 1, progress=False, judge=judge)
                 scored[key] = max(curve["smoothed"])
                 rows.append(dict(method=method, stage=name, **hp, score=scored[key], final=curve["smoothed"][-1],
-                                 seconds=curve["seconds"][-1]))
+                                 proxy_peak=max(smooth(curve["proxy"])), seconds=curve["seconds"][-1]))
                 if progress:
                     print(rows[-1])
             best = dict(max(scored.items(), key=lambda kv: kv[1])[0])
@@ -641,9 +658,12 @@ def figures(out, tilt_points, rewards_out, samples):
                 ax.plot(curve[xkey], curve["reward"], "o", ms=2, alpha=0.35, color=col)
                 ax.plot(curve[xkey], curve["smoothed"], color=col,
                         label=f"{lab}{' (stops at the peak)' if curve['reached_target'] else ''}")
+                ax.plot(curve[xkey], smooth(curve["proxy"]), color=col, ls="--", lw=1,
+                        label=f"{lab}, training scorer")
             ax.axhline(res["base_reward"], color="gray", ls="--", lw=1, label="base model")
             ax.axhline(res["grpo_peak"], color="C1", ls=":", lw=1, label="Flow-GRPO peak (smoothed)")
-            ax.set(xlabel=label, ylabel=f"held-out reward (dots; lines: mean of {SMOOTH})", title=f"{rname} reward")
+            ax.set(xlabel=label, ylabel=f"held-out reward, judges (dots; lines: mean of {SMOOTH})",
+                   title=f"{rname} reward")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -698,7 +718,10 @@ def run(cfg: Config) -> dict:
     pcfg = pretrain.Config(**{**pretrain.PRESETS[cfg.base], "preset": cfg.base, "seed": 0})
     base, _ = pretrain.base_model(pcfg, device)
     evaluator, _ = get_evaluator(pcfg.dataset, pcfg.size, device, pcfg.eval_steps, pcfg.seed)
-    rewards = make_rewards(evaluator)
+    rewards = make_rewards(evaluator)  # the training scorer
+    judge_evs = [get_evaluator(pcfg.dataset, pcfg.size, device, pcfg.eval_steps, pcfg.seed + s)[0]
+                 for s in JUDGE_SEEDS]
+    judges = make_judges(judge_evs)  # the held-out measure
     y_eval, noise_eval = held_out_set(cfg, base, cfg.seed + 1000)
     x_base = sample_images(base, y_eval, noise_eval, cfg.ode_steps)
     feats_base = evaluator.features(x_base)
@@ -708,14 +731,16 @@ def run(cfg: Config) -> dict:
     results_rewards, samples = {}, {}
     for rname, reward in rewards.items():
         t0 = time.perf_counter()
-        base_r = reward(x_base, y_eval).mean().item()
+        base_r = judges[rname](x_base, y_eval).mean().item()
         rounds = cfg.rounds if rname == "composition" else cfg.preference_rounds
         held_out = (y_eval, noise_eval, base_r)
         # Flow-GRPO runs every round, then its curve is checked for a plateau; RAM, from the same seed, runs
         # until its smoothed curve reaches Flow-GRPO's smoothed peak, or the same number of rounds
-        grpo, x_grpo = train_method("grpo", base, reward, cfg, hps["grpo"], rounds, held_out, device, cfg.seed + 1)
+        grpo, x_grpo = train_method("grpo", base, reward, cfg, hps["grpo"], rounds, held_out, device, cfg.seed + 1,
+                                    judge=judges[rname])
         ram, x_ram = train_method("ram", base, reward, cfg, hps["ram"], rounds, held_out, device, cfg.seed + 1,
-                                  target=max(grpo["smoothed"]))
+                                  target=max(grpo["smoothed"]), judge=judges[rname])
+        judged_acc = lambda x: sum(ev.accuracy(x, y_eval) for ev in judge_evs) / len(judge_evs)  # noqa: E731
         results_rewards[rname] = dict(
             ram=ram, grpo=grpo, base_reward=base_r, **race_stats(ram, grpo),
             ram_final=ram["reward"][-1], grpo_final=grpo["reward"][-1],
@@ -724,26 +749,30 @@ def run(cfg: Config) -> dict:
                            grpo=diversity(evaluator.features(x_grpo), y_eval),
                            base=diversity(feats_base, y_eval)),
             class_accuracy=dict(ram=evaluator.accuracy(x_ram, y_eval), grpo=evaluator.accuracy(x_grpo, y_eval),
-                                base=evaluator.accuracy(x_base, y_eval)))
+                                base=evaluator.accuracy(x_base, y_eval)),
+            class_accuracy_judges=dict(ram=judged_acc(x_ram), grpo=judged_acc(x_grpo), base=judged_acc(x_base)),
+            proxy_final=dict(ram=ram["proxy"][-1], grpo=grpo["proxy"][-1]))
         samples[rname] = (x_base, x_ram, x_grpo)
         phase_seconds[rname] = round(time.perf_counter() - t0, 1)
 
     results = dict(tilt=tilt, rewards=results_rewards)
     if cfg.sweep:
         t0 = time.perf_counter()
-        results["sweep"] = sweep(cfg, base, rewards, device)
+        results["sweep"] = sweep(cfg, base, rewards, device, judges=judges)
         phase_seconds["sweep"] = round(time.perf_counter() - t0, 1)
     results["claims"] = claims_of(results)
     results.update(
         settings=dict(ram=hps["ram"], grpo=hps["grpo"], sde_noise=SDE_NOISE, grpo_minibatches=GRPO_MINIBATCHES,
                       grpo_step_fraction=GRPO_STEP_FRACTION, adv_clip_grpo=ADV_CLIP, rollout_bf16=ROLLOUT_BF16,
-                      smooth=SMOOTH, plateau_window=PLATEAU_WINDOW, plateau_tol=PLATEAU_TOL),
+                      smooth=SMOOTH, plateau_window=PLATEAU_WINDOW, plateau_tol=PLATEAU_TOL, judge_seeds=JUDGE_SEEDS),
         metric_note="rewards are toy stand-ins (composition ~ GenEval position, preference ~ PickScore); held-out "
-                    "curves: the training classes on fixed held-out noises; peaks and crossings read from curves "
+                    "curves ('reward'): the training classes on fixed held-out noises, scored with evaluators of "
+                    "other seeds (judges) the policy never trains against; 'proxy': the training scorer on the "
+                    "same samples; peaks and crossings read from curves "
                     f"smoothed over {SMOOTH} evaluations; fd_to_base: evaluator Frechet distance to the base "
                     "model's samples (FID stand-in); diversity: mean within-class pairwise evaluator-feature "
-                    "distance; class_accuracy: evaluator accuracy of the held-out samples (is the prompted class "
-                    "still drawn?); seconds count training, not evaluation",
+                    "distance; class_accuracy(_judges): accuracy of the held-out samples under the training "
+                    "evaluator (the judges) (is the prompted class still drawn?); seconds count training only",
         device=str(device), phase_seconds=phase_seconds, seconds=round(time.perf_counter() - t_start, 1))
     save_json(out / "results.json", results)
     figures(out, tilt_points, results_rewards, samples)
@@ -752,13 +781,13 @@ def run(cfg: Config) -> dict:
     print()
     rows = []
     for rname, res in results_rewards.items():
-        rows += [(rname, "base", res["base_reward"], "", "", "", res["diversity"]["base"],
-                  res["class_accuracy"]["base"]),
-                 *[(rname, mth, res[f"{mth}_final"], max(res[mth]["smoothed"]), res[mth]["rounds"][-1],
-                    res["fd_to_base"][mth], res["diversity"][mth], res["class_accuracy"][mth])
-                   for mth in ("ram", "grpo")]]
-    print_table(rows, ("reward", "model", "final", "best (smoothed)", "rounds run", "FD to base", "diversity",
-                       "class accuracy"))
+        rows += [(rname, "base", res["base_reward"], res["ram"]["proxy"][0], "", "", "", res["diversity"]["base"],
+                  res["class_accuracy_judges"]["base"]),
+                 *[(rname, mth, res[f"{mth}_final"], res["proxy_final"][mth], max(res[mth]["smoothed"]),
+                    res[mth]["rounds"][-1], res["fd_to_base"][mth], res["diversity"][mth],
+                    res["class_accuracy_judges"][mth]) for mth in ("ram", "grpo")]]
+    print_table(rows, ("reward", "model", "final (judges)", "final (training scorer)", "best (smoothed)",
+                       "rounds run", "FD to base", "diversity", "class accuracy (judges)"))
     print()
     print_table([(f"{rname}: {k}", res[k]) for rname, res in results_rewards.items()
                  for k in ("grpo_peak", "grpo_plateaued", "grpo_rounds_to_peak", "ram_peak", "ram_rounds_to_grpo_peak",
