@@ -105,7 +105,8 @@ def markdown(summary: dict) -> str:
             warm = runs.get(f"{name}_warm", {}).get("seconds")
             lines.append(f"| {name} | {rec['status']} | {fmt(rec['seconds'])} | {fmt(warm)} |")
     lines += ["", "Cold: each script's own models trained, the base model and evaluator (the `pretrain` step) "
-              "already cached. Warm: everything cached."]
+              "already cached; `ram` also trains the evaluators of seeds 1 and 2, which later scripts find cached. "
+              "Warm: everything cached."]
     return "\n".join(lines) + "\n"
 
 

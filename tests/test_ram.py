@@ -252,7 +252,8 @@ def test_bad_input_is_refused_in_one_line(capsys, flags, words):
 def test_sweep_gives_both_methods_seven_runs_stage_by_stage(monkeypatch):
     calls = []
 
-    def fake_train(method, base, reward, cfg, hp, rounds, held_out, device, seed, progress=True, target=None, judge=None):
+    def fake_train(method, base, reward, cfg, hp, rounds, held_out, device, seed, progress=True, target=None,
+                   judge=None):
         calls.append((method, dict(hp)))
         score = -abs(math.log10(hp["lr"]) + 3.5) + hp.get("m", 0) / 100 + hp.get("beta", 0)  # best: lr 3e-4, m 30
         return dict(smoothed=[0.0, score], seconds=[0.0, 1.0], proxy=[0.0, score]), None
