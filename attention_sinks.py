@@ -48,7 +48,7 @@ Deviations from the paper. TinyDiT on 16 px coloured shapes (9 labels) instead o
     Sign-flip permutation tests instead of t-tests; Holm adjusts their p-values, the CIs are plain 95%.
 
 Run
-    python attention_sinks.py                  # cpu preset, 96 s measured on 2 CPU cores (base model cached)
+    python attention_sinks.py                  # cpu preset, 95 s measured on 2 CPU cores (base model cached)
     python attention_sinks.py --preset gpu     # TinyDiT-m, patch 2, 69 keys (not measured yet)
     python attention_sinks.py --preset smoke   # seconds, what the tests run
 """

@@ -89,7 +89,7 @@ Deviations. Toy rewards on 16 px procedural shapes: "composition" = evaluator p(
     all sizes, the hyper-parameters (swept, see README).
 
 Run
-    python ram.py                    # cpu preset: both parts, both rewards, both methods (703 s measured, 2 cores)
+    python ram.py                    # cpu preset: both parts, both rewards, both methods (591 s measured, 2 cores)
     python ram.py --sweep true       # also rerun the sweep of both methods (adds ~37 min, measured on 1 core)
     python ram.py --preset smoke     # seconds, what the tests run
     python ram.py --preset gpu       # not measured yet
