@@ -42,7 +42,7 @@ Deviations. Pixel-space moving shapes (16 px, patch 4), not Wan2.1 latents; teac
     the files. Trained at 16 px only: larger frames run the same weights to measure cost.
 
 Run
-    python forcing_kv.py                     # cpu preset, 2 CPU cores: training 704 s once (cached), then 100 s
+    python forcing_kv.py                     # cpu preset, 2 CPU cores: training 670 s once (cached), then 100 s
     python forcing_kv.py --preset gpu        # GPU (not measured yet)
     python forcing_kv.py --preset smoke      # seconds, what the tests run
     python forcing_kv.py --bench true        # chunk-attention benchmark: full SDPA / gather + SDPA / fused kernel

@@ -38,7 +38,7 @@ Deviations from the paper. Toy data (procedural shapes at 8-32 px, MNIST when pr
     was an artefact of the huge loss. Check `gap_by_resolution` losses before trusting a share.)
 
 Run
-    python time_blind_fm.py                    # cpu preset, about 11 min on 2 CPU cores (651 s measured)
+    python time_blind_fm.py                    # cpu preset: 396 s on 2 CPU cores (24 s with its nets cached)
     python time_blind_fm.py --preset gpu       # larger models, GPU (not measured yet)
     python time_blind_fm.py --preset smoke     # seconds, what the tests run
     python time_blind_fm.py --dataset mnist    # real digits: the IDX files in data/mnist (README)
