@@ -25,7 +25,7 @@ KERNEL_DEVICE = "cpu" if INTERPRETED else "cuda"
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or not (INTERPRETED or torch.cuda.is_available()),
     reason="the fused path needs triton, and CUDA or TRITON_INTERPRET=1 set before triton is imported")
-ATOL_FP32 = 1e-5  # the target: max abs error in fp32 against the reference
+ATOL_FP32 = 1e-5  # the tolerance: max abs error in fp32 against the reference
 
 
 def make_case(lengths, Nq=6, Nn=5, Dh=24, seed=0, gaps=True, dtype=torch.float32):
