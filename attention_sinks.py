@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import pretrain
+from common import config, pretrain
 from common.config import BaseConfig, UserError, cli, field, int_list, print_table, resolve_device, run_dir, save_json
 from common.dit import SIZES, TinyDiT, attention_hook, attention_ref, patchify
 from common.evaluator import get_evaluator, paired_distance
@@ -340,20 +340,12 @@ def seed_of(cfg, *tags) -> int:
     return cfg.seed * 1_000_003 + zlib.crc32(repr(tags).encode())
 
 
-def lookup(results: dict, key: str):
-    """The value at a dotted path ("by_selection.union.by_k.1.shift_ratio"); list items by index."""
-    for part in key.split("."):
-        results = results[int(part)] if isinstance(results, list) else results[part]
-    return results
-
-
 def make_claims(res: dict) -> list:
     """One entry per headline claim the run tests; `reproduced` is computed from the criterion."""
     claims = []
 
-    def add(claim, paper, key, criterion, ok, note):  # ok None: the toy cannot test it (note says why)
-        claims.append(dict(claim=claim, paper=paper, ours=lookup(res, key), key=key, criterion=criterion,
-                           reproduced=None if ok is None else bool(ok), note=note))
+    def add(*args):  # ok None: the toy cannot test it (the note says why)
+        claims.append(config.claim_entry(res, *args))
 
     for k, paper in (("1", "LPIPS 0.347 vs 0.053 (6.5x); DDelta +0.295 [0.265, 0.323]"),
                      ("5", "LPIPS 0.436 vs 0.104 (4.2x); DDelta +0.332 [0.308, 0.358]")):

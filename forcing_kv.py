@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
+from common import config, dit
 from common import data as data_mod
-from common import dit
 from common.config import BaseConfig, UserError, cli, field, int_list, print_table, resolve_device, run_dir, save_json
 from common.dit import SIZES, Block, attention_ref, modulate, patchify, sincos_2d, timestep_embedding
 from common.flow import interpolate, velocity_target
@@ -547,14 +547,10 @@ CLAIMS = [  # claim; the paper's number; key of ours in results.json; criterion,
 
 
 def claims(res: dict) -> list:
-    out, big = [], max(res["speedup_by_size"], key=int)
-    for claim, paper, key, crit, note in CLAIMS:
-        key, v = key.format(big=big), res
-        for part in key.split("."):
-            v = v[part]
-        out.append(dict(claim=claim, paper=paper, ours=v, key=key, criterion=crit.format(v=key),
-                        reproduced=bool(eval(crit.format(v=repr(v)))), note=note))
-    return out
+    big = max(res["speedup_by_size"], key=int)
+    return [config.claim_entry(res, claim, paper, key.format(big=big), crit.format(v=key.format(big=big)),
+                        lambda v, crit=crit: eval(crit.format(v=repr(v))), note)
+            for claim, paper, key, crit, note in CLAIMS]
 
 
 # %% figures

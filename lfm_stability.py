@@ -63,8 +63,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from common import config, dit, pretrain
 from common import data as data_mod
-from common import dit, pretrain
 from common.config import BaseConfig, UserError, cli, field, print_table, resolve_device, run_dir, save_json
 from common.dit import SIZES, TinyDiT, count_params
 from common.evaluator import frechet_distance, get_evaluator, paired_cosine
@@ -552,18 +552,10 @@ def part3(cfg, small, large, ev, y, real, device) -> tuple[list, dict, dict]:
 # %% claims: the paper's headline numbers against ours, each with its test
 
 
-def lookup(results: dict, key: str):
-    for part in key.split("."):
-        results = results[part]
-    return results
-
-
 def make_claims(r: dict) -> list:
     """One entry per headline claim; `reproduced` is computed from the stored numbers."""
-    def claim(text, paper, key, criterion, test, note):
-        ours = lookup(r, key)
-        return dict(claim=text, paper=paper, ours=ours, key=key, criterion=criterion, reproduced=bool(test(ours)),
-                    note=note)
+    def claim(*args):  # every claim reads its number from r
+        return config.claim_entry(r, *args)
 
     gate = "max(paired / unrelated pixel MSE, paired / unrelated position error) <= 0.5"
     c2f, best = r["c2f_paper"], r["c2f_best"]

@@ -508,8 +508,9 @@ def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, 
     g = torch.Generator().manual_seed(seed)  # the same seed for both methods: the same draws where they match
     y = prompts_for_round(base.n_classes, cfg.group).to(device)
     y_eval, noise_eval, base_reward = held_out
+    x = sample_images(base, y_eval, noise_eval, cfg.ode_steps)  # held-out samples of the policy, updated below
     curve = dict(rounds=[0], optimizer_steps=[0], reward=[base_reward], seconds=[0.0], reached_target=False,
-                 proxy=[reward(sample_images(base, y_eval, noise_eval, cfg.ode_steps), y_eval).mean().item()])
+                 proxy=[reward(x, y_eval).mean().item()])
     n_steps, seconds = 0, 0.0
     bar = tqdm(range(1, rounds + 1), desc=f"{method}", leave=False, disable=not progress, mininterval=1.0)
     for rnd in bar:
@@ -532,7 +533,7 @@ def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, 
                 curve["reached_target"] = True
                 break
     curve["smoothed"] = smooth(curve["reward"])
-    return curve, sample_images(policy, y_eval, noise_eval, cfg.ode_steps)
+    return curve, x  # the last round is always evaluated, so x is the final policy's
 
 
 def first_at(curve: dict, level: float):

@@ -213,6 +213,23 @@ def save_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def lookup(results: dict, key: str):
+    """The value at a dotted path of a results dict ("by_selection.union.by_k.1.shift_ratio"); list
+    items by index."""
+    for part in key.split("."):
+        results = results[int(part)] if isinstance(results, list) else results[part]
+    return results
+
+
+def claim_entry(results: dict, text: str, paper: str, key: str, criterion: str, ok, note: str = "") -> dict:
+    """One entry of a script's `claims` list, the schema common/reproduce.py collects: ours is the value
+    at `key`; ok (a bool, or a function of ours) decides `reproduced`; None: the toy cannot test it."""
+    ours = lookup(results, key)
+    ok = ok(ours) if callable(ok) else ok
+    return dict(claim=text, paper=paper, ours=ours, key=key, criterion=criterion,
+                reproduced=None if ok is None else bool(ok), note=note)
+
+
 def print_table(rows: list[tuple], header: tuple = ("metric", "value")) -> None:
     """The short summary printed at the end of every run."""
     cells = [tuple(_fmt(c) for c in r) for r in [header, *rows]]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attention_sinks as sinks
-from common.config import parse
+from common.config import lookup, parse
 from common.dit import TinyDiT, attention_hook, attention_ref
 from common.sampler import sample_labels
 
@@ -267,7 +267,7 @@ def test_smoke_run_writes_every_key(tmp_path):
     assert 0 <= saved["bos_overlap"] <= 1 and saved["sink_strength"] >= 1  # top-1 mass >= uniform
     for c in saved["claims"]:
         assert set(c) == {"claim", "paper", "ours", "key", "criterion", "reproduced", "note"}
-        assert sinks.lookup(saved, c["key"]) == c["ours"] and isinstance(c["reproduced"], bool)
+        assert lookup(saved, c["key"]) == c["ours"] and isinstance(c["reproduced"], bool)
     for fig in ("fig_heatmap.png", "fig_triplets.png", "fig_shift_alignment.png"):
         assert (tmp_path / fig).stat().st_size > 1000
     again = sinks.main(["--preset", "smoke", "--out", str(tmp_path / "again")])  # same seed, same numbers

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import lfm_stability as lfm
+from common.config import lookup
 from common.data import render_shapes
 from common.dit import TinyDiT
 from common.evaluator import frechet_distance
@@ -304,7 +305,7 @@ def test_smoke_run_writes_every_key(tmp_path):
     assert saved["c2f"][0]["speedup_cost_model"] == 1.0
     for c in saved["claims"]:  # every claim's number is the one stored at its key
         assert set(c) == {"claim", "paper", "ours", "key", "criterion", "reproduced", "note"}
-        assert c["ours"] == lfm.lookup(saved, c["key"]) and isinstance(c["reproduced"], bool)
+        assert c["ours"] == lookup(saved, c["key"]) and isinstance(c["reproduced"], bool)
     for fig in ("fig_stability_grid.png", "fig_trajectory.png", "fig_fd_vs_fraction.png", "fig_c2f.png"):
         assert (tmp_path / fig).stat().st_size > 1000
 
