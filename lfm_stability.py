@@ -220,11 +220,6 @@ def real_spread(held_out, seed: int) -> float:
     return (attrs[:, :2] - attrs[perm, :2]).norm(dim=1).mean().item()
 
 
-def noise_for(n: int, seed: int, size: int = 16, channels: int = 3) -> torch.Tensor:
-    """The noise `sample_labels` draws for seed (on the CPU): index i gets the same noise everywhere."""
-    return seeded_noise(n, channels, size, seed)
-
-
 def trajectory_distance(pairs: dict, noise: torch.Tensor, y: torch.Tensor, cfg, seed: int = 0) -> dict:
     """The paper's trajectory view: per-image RMS pixel distance between the states x_t of two
     models from the same noise, at every Euler time, averaged over images. 0 at t = 1 by
@@ -521,7 +516,7 @@ def part3(cfg, small, large, ev, y, real, device) -> tuple[list, dict, dict]:
     """Sweep the switch: FD to real images (with a bootstrap interval), paired cosine to the large
     model alone (same noise), and the wall-clock of each switch, timed round-robin; beside it the
     speed-up that the measured per-step costs of the two models predict."""
-    noise = noise_for(len(y), cfg.seed + 1)  # the noise of Part 1's samples
+    noise = seeded_noise(len(y), large.C, large.img_size, cfg.seed + 1)  # the noise of Part 1's samples
     switches = switch_list(cfg.switches)
     samplers = {s: (lambda nb, yb, s=s: coarse_to_fine(small, large, nb, yb, cfg.sample_steps, s, cfg.cfg_scale))
                 for s in switches}
@@ -716,7 +711,8 @@ def run(cfg: Config) -> dict:
     checkpoints = small_checkpoints(cfg, device, info["small"], data, ev, y, real, samples["large"])
     n_traj = min(64, cfg.n_samples)
     traj = trajectory_distance({n: (models[PARTNER[n]], models[n]) for n in PART1},
-                               noise_for(cfg.n_samples, cfg.seed + 1)[:n_traj], y[:n_traj], cfg, cfg.seed)
+                               seeded_noise(cfg.n_samples, data.channels, data.size, cfg.seed + 1)[:n_traj], y[:n_traj],
+                               cfg, cfg.seed)
     t_grid = torch.linspace(1, 0, cfg.sample_steps + 1).tolist()
 
     def worst(stab, names):  # the gate's statistic: the larger of the two ratios, worst over the names

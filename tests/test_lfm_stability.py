@@ -10,7 +10,7 @@ from common.config import lookup
 from common.data import render_shapes
 from common.dit import TinyDiT
 from common.evaluator import frechet_distance
-from common.sampler import cfg_velocity, euler, sample_labels
+from common.sampler import cfg_velocity, euler, sample_labels, seeded_noise
 
 
 def random_net(patch: int, width: int, seed: int) -> TinyDiT:
@@ -236,12 +236,12 @@ def test_unrelated_partner_has_the_same_label_and_other_noise():
 
 
 def test_trajectory_uses_the_noise_of_sample_labels():
-    """noise_for reproduces sample_labels' noise: the trajectory ends on the sampled images, and
+    """seeded_noise reproduces sample_labels' noise: the trajectory ends on the sampled images, and
     a model compared with itself stays at distance 0 along the whole path."""
     net = random_net(4, 16, 2)
     cfg = lfm.Config(sample_steps=5, cfg_scale=2.0)
     y = torch.tensor([0, 1, 2, 1, 0, 2])
-    noise = lfm.noise_for(6, seed=7, size=8)
+    noise = seeded_noise(6, 3, 8, seed=7)
     final, _ = euler(cfg_velocity(net, y, 2.0, net.null_label), noise, 5, return_trajectory=True)
     assert torch.allclose(final, sample_labels(net, y, 5, 2.0, seed=7), atol=1e-6)
     other = random_net(4, 16, 3)
