@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import REPO, BaseConfig, UserError, cli, field, run_dir, save_json
+from common.config import REPO, BaseConfig, UserError, cli, field, resolve_device, run_dir, save_json
 
 # (name, command after `python`, caches trained models of its own: rerun warm)
 STEPS = (
@@ -133,7 +133,7 @@ def run(cfg: Config) -> dict:
               flush=True)
         runs[name] = run_step(name, args, cfg, out, logs)
         print(f"      {runs[name]['status']} in {runs[name]['seconds']:,.1f} s", flush=True)
-    summary = dict(preset=cfg.preset, seed=cfg.seed, device=cfg.device, torch=torch.__version__,
+    summary = dict(preset=cfg.preset, seed=cfg.seed, device=str(resolve_device(cfg.device)), torch=torch.__version__,
                    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores", total_seconds=round(
                        time.perf_counter() - t0, 1), runs=runs, claims=claim_rows(runs))
     save_json(out / "summary.json", summary)
