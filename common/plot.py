@@ -55,3 +55,32 @@ def save_curves(curves: dict, path, xlabel: str, ylabel: str, title: str = "", l
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_overview(panels: list, path, width: float = 12.0, row_aspect: float = 4.2, title_h: float = 0.5) -> None:
+    """A composite of existing PNG figures: panels = [(caption, png path), ...], in reading order.
+    Panels fill rows of about `row_aspect` (width / height); in a row they share one height, so each
+    keeps its own aspect ratio. Used for the README's overview picture."""
+    images = [(cap, plt.imread(str(p))) for cap, p in panels]
+    rows, row = [], []
+    for item in images:  # greedy: close a row once it is wide enough
+        row.append(item)
+        if sum(im.shape[1] / im.shape[0] for _, im in row) >= row_aspect * 0.8:
+            rows, row = rows + [row], []
+    rows += [row] if row else []
+    heights = [width / max(sum(im.shape[1] / im.shape[0] for _, im in r), row_aspect) for r in rows]
+    total = sum(heights) + title_h * len(rows)
+    fig = plt.figure(figsize=(width, total))
+    top = total
+    for r, h in zip(rows, heights):
+        top -= h + title_h
+        x = (width - sum(h * im.shape[1] / im.shape[0] for _, im in r)) / 2
+        for cap, im in r:
+            w = h * im.shape[1] / im.shape[0]
+            ax = fig.add_axes((x / width, top / total, w / width, h / total))
+            ax.imshow(im, interpolation="lanczos")
+            ax.set_title(cap, fontsize=10)
+            ax.axis("off")
+            x += w
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -3,6 +3,8 @@
     python -m common.reproduce                     # cpu preset without CUDA (about an hour from nothing)
     python -m common.reproduce --preset smoke      # seconds per script; what the tests run
     python -m common.reproduce --only ram,attention_sinks
+    python -m common.reproduce --markdown assets/summary.json   # only rewrite summary.md beside it
+    python -m common.reproduce --overview true     # only rebuild assets/overview.png from assets/
 
 Each step runs as its own process (`python <script> --preset P --out outputs/<script>`), so a
 failing script is reported and the next one still runs, and each runtime is that script alone.
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from common.config import REPO, BaseConfig, UserError, cli, field, resolve_device, run_dir, save_json
+from common.plot import save_overview
 
 # (name, command after `python`, caches trained models of its own: rerun warm)
 STEPS = (
@@ -38,6 +41,14 @@ STEPS = (
     ("forcing_kv_bench", ["forcing_kv.py", "--bench", "true"], False),
 )
 NAMES = tuple(name for name, _, _ in STEPS)
+ASSETS = REPO / "assets"
+# The README's overview picture, in the README's reading order: each script's method figure
+# (fig_method.png) once it has one, else the figure that shows its result best.
+OVERVIEW = (("attention_sinks", "sinks removed vs random keys removed", "fig_triplets.png"),
+            ("time_blind_fm", "t read off one noisy image", "fig_estimator_rmse.png"),
+            ("lfm_stability", "the same noise through many models", "fig_stability_grid.png"),
+            ("ram", "RAM against Flow-GRPO", "fig_reward_vs_rounds.png"),
+            ("forcing_kv", "static and dynamic heads", "fig_head_types.png"))
 
 
 @dataclasses.dataclass
@@ -45,6 +56,8 @@ class Config(BaseConfig):
     only: str = field("", "comma-separated steps to run (default: all, in this order: " + ", ".join(NAMES) + ")",
                       shown="all")
     warm: bool = field(True, "rerun the scripts that cache trained models, to time a warm run")
+    markdown: str = field("", "run nothing: rewrite summary.md beside this summary.json", shown="none")
+    overview: bool = field(False, "run nothing: rebuild assets/overview.png from the figures in assets/")
 
     def validate(self):
         unknown = [s for s in self.only.split(",") if s and s not in NAMES]
@@ -92,14 +105,20 @@ def fmt(v) -> str:
     return str(v)
 
 
+def cell(v) -> str:
+    """A value as a Markdown table cell: a `|` inside it would end the cell, so it is escaped."""
+    return fmt(v).replace("|", "\\|")
+
+
 def markdown(summary: dict) -> str:
     runs = summary["runs"]
     lines = [f"# Reproduction summary: `python -m common.reproduce --preset {summary['preset']}`", "",
              f"{summary['machine']}; torch {summary['torch']}; device {summary['device']}; "
              f"{summary['total_seconds']:,.0f} s in all.", "",
              "| script | claim | paper | ours | test | reproduced here |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| `{c['script']}` | {c['claim']} | {c['paper']} | {fmt(c['ours'])} | {c['criterion']} | "
-              f"{fmt(c['reproduced'])} |" for c in summary["claims"]]
+    lines += ["| " + " | ".join([f"`{c['script']}`", *(cell(c[k]) for k in ("claim", "paper", "ours", "criterion",
+                                                                          "reproduced"))]) + " |"
+              for c in summary["claims"]]
     lines += ["", "| step | status | cold (s) | warm rerun (s) |", "| --- | --- | --- | --- |"]
     for name, rec in runs.items():
         if not name.endswith("_warm"):
@@ -120,7 +139,29 @@ def summary_keys(summary: dict) -> dict:
                 claims=sorted({re.sub(r"\d+", "#", f"{c['script']}:{c['key']}") for c in summary["claims"]}))
 
 
+def overview(assets: Path = ASSETS) -> Path:
+    """assets/overview.png: one figure per script, each script's fig_method.png where it has one."""
+    panels = []
+    for script, caption, fallback in OVERVIEW:
+        method = assets / script / "fig_method.png"
+        panels.append((f"{script}.py\n{caption}", method if method.exists() else assets / script / fallback))
+    save_overview(panels, assets / "overview.png")
+    return assets / "overview.png"
+
+
 def run(cfg: Config) -> dict:
+    if cfg.markdown:  # no run: the table of an existing summary
+        src = Path(cfg.markdown)
+        try:
+            summary = json.loads(src.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--markdown {src}: not a readable summary.json ({type(e).__name__})") from None
+        (src.parent / "summary.md").write_text(markdown(summary))
+        print(f"wrote {src.parent / 'summary.md'}")
+        return summary
+    if cfg.overview:
+        print(f"wrote {overview()}")
+        return {}
     out = run_dir(cfg, "")  # outputs/ by default: the scripts' own default folders sit inside it
     logs = out / "logs"
     logs.mkdir(exist_ok=True)

@@ -1,12 +1,15 @@
-"""The README quotes a real run: every number in its results tables is in assets/summary.json.
+"""The README and the pages in docs/ quote a real run: every number in their results tables is in
+assets/summary.json, every figure they show exists, and every relative link resolves.
 
 assets/summary.json is the summary that `python -m common.reproduce --preset cpu` wrote for the run
-the README quotes. Checked here: the front table (runtime and headline columns), the base model's
-table, and the "ours" column of every paper section's "paper vs ours" table. The rounding rule
-(also stated in the README): a number shown with n decimals matches a stored value v when
-|v - shown| <= 0.5 * 10^-n; a percentage matches 100 v the same way; thousands separators and the
-signs + and − (U+2212) are read as usual. A number is looked up only in its own script's runs (cold,
-warm and benchmark) and configs, not in the long curves (lists of more than LONG values).
+the pages quote. Which cells are checked: on every page, the columns of a table whose header starts
+with "ours", "here" or "CPU", or names the `cpu` preset. A page in docs/ named after a script
+(docs/ram.md) quotes that script's runs; docs/base_model.md quotes the base model (`pretrain`); on
+the README, each row quotes the script its first cell names. The rounding rule: a number shown with
+n decimals matches a stored value v when |v - shown| <= 0.5 * 10^-n; a percentage matches 100 v the
+same way; thousands separators and the signs + and − (U+2212) are read as usual. A number is looked
+up only in its own script's runs (cold, warm and benchmark) and configs, not in the long curves
+(lists of more than LONG values). docs/tests.md says the same for readers.
 """
 
 import json
@@ -20,12 +23,15 @@ SUMMARY = REPO / "assets" / "summary.json"
 LONG = 12  # lists longer than this are curves for figures; tables quote scalars
 NUMBER = re.compile(r"(?<![\w.])([+\-−]?)(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?:e([+\-−]?\d+))?(\s?%)?")
 SCRIPTS = ("ram", "forcing_kv", "lfm_stability", "attention_sinks", "time_blind_fm")
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+MAX_README_BYTES = 12_000
 
 
 def numbers_in(text: str) -> list:
     """Quoted numbers in a table cell -> [(value, decimals, is_percent, as_written)]. Text in backticks
-    (commands, code names such as `fig_1.png`) and arXiv ids are not numbers we measured."""
-    text = re.sub(r"`[^`]*`|arXiv \S+", " ", text)
+    (commands, code names such as `fig_1.png`), link targets and arXiv ids are not numbers we measured."""
+    text = re.sub(r"`[^`]*`|arXiv \S+|\]\([^)]*\)", " ", text)
     found = []
     for m in NUMBER.finditer(text):
         sign, whole, frac, exp, pct = m.groups()
@@ -63,42 +69,44 @@ def matches(value: float, decimals: int, percent: bool, stored: list) -> bool:
 
 
 def tables(markdown: str):
-    """-> [(section heading, header cells, rows of cells)] for every pipe table."""
-    section, out, current = "", [], None
+    """-> [(header cells, rows of cells)] for every pipe table. A `\\|` inside a cell is text, not a border."""
+    out, current = [], None
     for line in markdown.splitlines():
-        if line.startswith("## "):
-            section = line[3:]
         if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
             if current is None:
-                current = (section, cells, [])
+                current = (cells, [])
                 out.append(current)
             elif not all(set(c) <= set("-: ") for c in cells):
-                current[2].append(cells)
+                current[1].append(cells)
         else:
             current = None
     return out
 
 
-def script_of(text: str):
+def script_named(text: str):
     return next((s for s in SCRIPTS if f"`{s}.py`" in text), None)
 
 
-def quoted_cells(markdown: str):
-    """-> [(script, where, cell text)] for every cell the README quotes from a run."""
+def page_script(page: Path):
+    """The runs a page quotes: docs/<script>.md -> that script, docs/base_model.md -> the base model."""
+    if page.parent.name == "docs":
+        return "pretrain" if page.stem == "base_model" else (page.stem if page.stem in SCRIPTS else None)
+    return None
+
+
+def quoted_column(header: str) -> bool:
+    return header.startswith(("ours", "here", "CPU")) or "`cpu`" in header
+
+
+def quoted_cells(markdown: str, script=None):
+    """-> [(script, where, cell text)] for every cell a page quotes from a run."""
     cells = []
-    for section, header, rows in tables(markdown):
-        if section.startswith("The five scripts"):  # the front table: one row per script
-            cols = [i for i, h in enumerate(header) if h.startswith("CPU") or h.startswith("headline")]
-            for row in rows:
-                cells += [(script_of(row[0]), f"front table, {row[0]}", row[i]) for i in cols]
-        elif section.startswith("The base model"):
-            cols = [i for i, h in enumerate(header) if "cpu" in h]
-            cells += [("pretrain", f"base model, {row[0]}", row[i]) for row in rows for i in cols]
-        elif script_of(section) and len(header) > 2 and header[1].startswith("paper"):
-            cols = [i for i, h in enumerate(header) if h.startswith("ours")]
-            cells += [(script_of(section), f"{section.split(' — ')[0]}, {row[0]}", row[i]) for row in rows
-                      for i in cols]
+    for header, rows in tables(markdown):
+        cols = [i for i, h in enumerate(header) if i > 0 and quoted_column(h)]
+        for row in rows:
+            owner = script or script_named(row[0])
+            cells += [(owner, f"{row[0][:60]} / {header[i][:20]}", row[i]) for i in cols if i < len(row)]
     return cells
 
 
@@ -107,31 +115,112 @@ def stored_numbers(summary: dict, script: str) -> list:
     return pool(runs)
 
 
+def number_problems(markdown: str, summary: dict, script=None) -> list:
+    problems = []
+    for owner, where, text in quoted_cells(markdown, script):
+        if owner is None:
+            problems.append(f"{where}: a quoted cell in a row that names no script")
+            continue
+        stored = stored_numbers(summary, owner)
+        problems += [f"{where}: {w}" for v, d, pct, w in numbers_in(text) if not matches(v, d, pct, stored)]
+    return problems
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set:
+    return {slug(line.lstrip("#")) for line in page.read_text().splitlines() if line.startswith("#")}
+
+
+def link_problems(markdown: str, page: Path) -> list:
+    """Every relative link and image on a page points at a file that exists (and a heading that
+    exists, for links into a Markdown page)."""
+    problems = []
+    for target in LINK.findall(markdown):
+        if re.match(r"[a-z]+:", target):
+            continue  # https: and mailto: links leave the repository
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            problems.append(f"{page.name}: {target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            problems.append(f"{page.name}: {target} (no such heading)")
+    return problems
+
+
+def figures_shown(markdown: str, page: Path) -> set:
+    return {str((page.parent / t).resolve().relative_to(REPO)) for t in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)",
+                                                                                         markdown)}
+
+
+# --- the checks ---------------------------------------------------------------------------------------
+
+
 def test_rounding_rule_and_number_parsing():
     assert [n[:3] for n in numbers_in("**0.41×** at 16 px, −0.49, 1,006 s, 14.3%, +0.110 [0.091, 0.131]")] == [
         (0.41, 2, False), (16, 0, False), (-0.49, 2, False), (1006, 0, False), (14.3, 1, True), (0.11, 3, False),
         (0.091, 3, False), (0.131, 3, False)]
-    assert numbers_in("`fig_2.png` (arXiv 2605.10759)") == []
+    assert numbers_in("`fig_2.png` (arXiv 2605.10759) [page](docs/x2.md)") == []
     assert matches(0.747, 2, False, [0.7468]) and not matches(0.76, 2, False, [0.7468])
     assert matches(14.3, 1, True, [0.1432]) and not matches(14.3, 1, False, [0.1432])
     assert pool({"a": [1.5] * (LONG + 1), "b": {"16": "1,2"}, "c": True}) == [16.0, 1.0, 2.0]
+    assert tables("| a | ours |\n| --- | --- |\n| x | 1 \\| 2 |\n")[0][1] == [["x", "1 | 2"]]
 
 
-def test_every_quoted_number_is_in_the_summary_of_the_quoted_run():
+def test_every_page_quotes_its_script():
+    """The README quotes every script; each paper has a page, and each page's tables quote its runs."""
+    readme = quoted_cells((REPO / "README.md").read_text())
+    assert {s for s, _, _ in readme} >= set(SCRIPTS), "a script went missing from the README's table"
+    for script in SCRIPTS:
+        page = REPO / "docs" / f"{script}.md"
+        assert page.exists(), f"docs/{script}.md is missing"
+        assert quoted_cells(page.read_text(), script), f"docs/{script}.md quotes no number in an 'ours' column"
+    assert quoted_cells((REPO / "docs" / "base_model.md").read_text(), "pretrain")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_quoted_number_is_in_the_summary_of_the_quoted_run(page):
     summary = json.loads(SUMMARY.read_text())
-    cells = quoted_cells((REPO / "README.md").read_text())
-    assert {s for s, _, _ in cells} >= {"pretrain", *SCRIPTS}, "a results table went missing from the README"
-    missing = []
-    for script, where, text in cells:
-        stored = stored_numbers(summary, script)
-        missing += [f"{where}: {w}" for v, d, pct, w in numbers_in(text) if not matches(v, d, pct, stored)]
-    assert not missing, "README numbers not in assets/summary.json:\n" + "\n".join(missing)
+    problems = number_problems(page.read_text(), summary, page_script(page))
+    assert not problems, f"{page.name}: numbers not in assets/summary.json:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_resolves(page):
+    problems = link_problems(page.read_text(), page)
+    assert not problems, "\n".join(problems)
+
+
+def test_every_figure_shown_exists_and_every_figure_in_assets_is_shown():
+    shown = set().union(*(figures_shown(p.read_text(), p) for p in PAGES))
+    present = {str(p.relative_to(REPO)) for p in (REPO / "assets").rglob("*.png")}
+    assert not shown - present, f"shown but missing: {sorted(shown - present)}"
+    assert not present - shown, f"in assets/ but never shown on any page: {sorted(present - shown)}"
+
+
+def test_the_readme_is_a_front_door():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) <= MAX_README_BYTES, f"README.md is {len(readme.encode()):,} bytes"
+    for script in SCRIPTS:  # every paper linked, with its page
+        assert f"](docs/{script}.md)" in readme, f"the README does not link docs/{script}.md"
+    assert len(re.findall(r"\(https://arxiv\.org/abs/\d{4}\.\d{5}\)", readme)) >= len(SCRIPTS)
 
 
 def test_summary_is_the_cpu_run_and_every_step_passed():
     summary = json.loads(SUMMARY.read_text())
     assert summary["preset"] == "cpu"
     assert all(r["status"] == "ok" for r in summary["runs"].values())
+
+
+def test_summary_md_is_the_summary_json():
+    """assets/summary.md is what common.reproduce writes from assets/summary.json."""
+    from common.reproduce import markdown
+
+    assert (REPO / "assets" / "summary.md").read_text() == markdown(json.loads(SUMMARY.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -148,26 +237,41 @@ def test_smoke_reproduce_has_the_keys_of_the_quoted_summary(smoke_summary):
     assert summary_keys(smoke_summary) == summary_keys(json.loads(SUMMARY.read_text()))
 
 
-def test_every_figure_shown_exists_and_every_figure_in_assets_is_shown():
-    readme = (REPO / "README.md").read_text()
-    shown = set(re.findall(r"\]\((assets/[^)]+\.png)\)", readme))
-    present = {str(p.relative_to(REPO)) for p in (REPO / "assets").rglob("*.png")}
-    assert not shown - present, f"shown but missing: {sorted(shown - present)}"
-    assert not present - shown, f"in assets/ but never shown: {sorted(present - shown)}"
+# --- the checks can fail ------------------------------------------------------------------------------
 
 
-def test_a_number_edited_by_hand_is_caught():
-    """Change the first quoted number of each script's cells by two units of its last decimal: the
-    check must report it (so the test above can fail)."""
-    summary = json.loads(SUMMARY.read_text())
-    seen = set()
-    for script, _, text in quoted_cells((REPO / "README.md").read_text()):
-        found = numbers_in(text)
-        if script in seen or not found:
-            continue
-        value, decimals, pct, _ = found[0]
-        edited = value + 2 * 10 ** -decimals
-        stored = stored_numbers(summary, script)
-        if not matches(edited, decimals, pct, stored):  # a neighbouring stored value could match by chance
-            seen.add(script)
-    assert seen >= {"pretrain", *SCRIPTS}, f"edits not caught for {sorted({'pretrain', *SCRIPTS} - seen)}"
+def edit_first_number(text: str, cell: str) -> str | None:
+    """The page with the first number of one quoted cell moved by two units of its last decimal."""
+    found = numbers_in(cell)
+    if not found:
+        return None
+    value, decimals, _, written = found[0]
+    edited_value = value + 2 * 10 ** -decimals
+    edited = f"{edited_value:.{decimals}f}" + ("%" if written.endswith("%") else "")
+    return text.replace(cell, cell.replace(written, edited, 1), 1)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "glossary.md"], ids=lambda p: p.name)
+def test_a_number_edited_by_hand_is_caught_on_every_page(page):
+    """On every page that quotes numbers, some edited number is reported (a neighbouring stored value can
+    match an edit by chance, so the first cell whose edit is not matched counts)."""
+    summary, text, script = json.loads(SUMMARY.read_text()), page.read_text(), page_script(page)
+    cells = quoted_cells(text, script)
+    if not cells:
+        pytest.skip(f"{page.name} quotes no run")
+    assert not number_problems(text, summary, script)
+    for _, _, cell in cells:
+        edited = edit_first_number(text, cell)
+        if edited is not None and number_problems(edited, summary, script):
+            return
+    pytest.fail(f"no hand edit of a number on {page.name} was caught")
+
+
+def test_a_broken_figure_or_link_is_caught():
+    page = REPO / "docs" / "ram.md"
+    text = page.read_text()
+    figure = re.search(r"!\[[^\]]*\]\(([^)]+\.png)\)", text).group(1)
+    assert link_problems(text.replace(figure, figure.replace(".png", "_gone.png")), page)
+    assert link_problems(text + "\nSee [the notes](notes_that_do_not_exist.md).\n", page)
+    assert link_problems(text + "\nSee [tests](tests.md#no-such-heading).\n", page)
+    assert not link_problems(text + "\nSee [tests](tests.md) and [the paper](https://arxiv.org/abs/1).\n", page)
