@@ -58,11 +58,16 @@ class Config(BaseConfig):
     warm: bool = field(True, "rerun the scripts that cache trained models, to time a warm run")
     markdown: str = field("", "run nothing: rewrite summary.md beside this summary.json", shown="none")
     overview: bool = field(False, "run nothing: rebuild assets/overview.png from the figures in assets/")
+    into: str = field("", "merge the steps run (with --only) into this existing summary.json, and rewrite its "
+                          "summary.md, instead of writing a new summary", shown="none")
 
     def validate(self):
         unknown = [s for s in self.only.split(",") if s and s not in NAMES]
         if unknown:
             raise UserError(f"--only: unknown step(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+        for flag, path in (("--into", self.into), ("--markdown", self.markdown)):
+            if path and not Path(path).is_file():
+                raise UserError(f"{flag} {path}: no such file; give the path of a summary.json")
 
 
 PRESETS = {"smoke": dict(), "cpu": dict(), "gpu": dict()}  # the preset is passed on to every script
@@ -149,6 +154,25 @@ def overview(assets: Path = ASSETS) -> Path:
     return assets / "overview.png"
 
 
+def merge_into(path: Path, new: dict) -> dict:
+    """An existing summary with the runs and claims of the steps in `new` replaced by new's: one script
+    rerun after a change, the others kept as they were measured. Both must come from the same preset."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--into {path}: not a readable summary.json ({type(e).__name__})") from None
+    if old["preset"] != new["preset"]:
+        raise UserError(f"--into {path}: that summary is of preset {old['preset']}, this run of {new['preset']}")
+    runs = {**old["runs"], **new["runs"]}
+    scripts = {name for name in new["runs"] if not name.endswith("_warm")}
+    claims = [c for c in old["claims"] if c["script"] not in scripts] + new["claims"]
+    order = {name: i for i, name in enumerate(NAMES)}
+    claims.sort(key=lambda c: order.get(c["script"], len(order)))
+    merged = {**old, **{k: v for k, v in new.items() if k not in ("runs", "claims", "total_seconds")}}
+    return {**merged, "runs": runs, "claims": claims,
+            "total_seconds": round(sum(r["seconds"] for r in runs.values()), 1)}
+
+
 def run(cfg: Config) -> dict:
     if cfg.markdown:  # no run: the table of an existing summary
         src = Path(cfg.markdown)
@@ -177,6 +201,9 @@ def run(cfg: Config) -> dict:
     summary = dict(preset=cfg.preset, seed=cfg.seed, device=str(resolve_device(cfg.device)), torch=torch.__version__,
                    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores", total_seconds=round(
                        time.perf_counter() - t0, 1), runs=runs, claims=claim_rows(runs))
+    if cfg.into:
+        summary = merge_into(Path(cfg.into), summary)
+        out = Path(cfg.into).parent
     save_json(out / "summary.json", summary)
     (out / "summary.md").write_text(markdown(summary))
     print(markdown(summary))

@@ -275,3 +275,34 @@ def test_a_broken_figure_or_link_is_caught():
     assert link_problems(text + "\nSee [the notes](notes_that_do_not_exist.md).\n", page)
     assert link_problems(text + "\nSee [tests](tests.md#no-such-heading).\n", page)
     assert not link_problems(text + "\nSee [tests](tests.md) and [the paper](https://arxiv.org/abs/1).\n", page)
+
+
+def test_merge_into_replaces_only_the_rerun_scripts(tmp_path):
+    from common.reproduce import merge_into
+
+    def rec(s, v):
+        return dict(seconds=s, status="ok", results=dict(v=v))
+
+    old = dict(preset="cpu", machine="m", total_seconds=6.0, runs=dict(pretrain=rec(1, 0), ram=rec(2, 1),
+               time_blind_fm=rec(3, 2), time_blind_fm_warm=rec(1, 2)),
+               claims=[dict(script="ram", key="a"), dict(script="time_blind_fm", key="b")])
+    (tmp_path / "summary.json").write_text(json.dumps(old))
+    new = dict(preset="cpu", machine="m", total_seconds=9.0, runs=dict(time_blind_fm=rec(5, 7),
+               time_blind_fm_warm=rec(2, 7)), claims=[dict(script="time_blind_fm", key="c")])
+    merged = merge_into(tmp_path / "summary.json", new)
+    assert list(merged["runs"]) == ["pretrain", "ram", "time_blind_fm", "time_blind_fm_warm"]
+    assert merged["runs"]["ram"] == old["runs"]["ram"] and merged["runs"]["time_blind_fm"]["results"]["v"] == 7
+    assert [c["key"] for c in merged["claims"]] == ["a", "c"]
+    assert merged["total_seconds"] == 10
+    with pytest.raises(Exception, match="preset"):
+        merge_into(tmp_path / "summary.json", {**new, "preset": "smoke"})
+
+
+def test_a_bar_inside_a_summary_cell_is_escaped():
+    from common.reproduce import markdown
+
+    summary = dict(preset="cpu", machine="m", torch="t", device="cpu", total_seconds=1.0, runs={},
+                   claims=[dict(script="s", claim="c", paper="p", ours=0.5, criterion="|change| <= 0.05",
+                                reproduced=True)])
+    row = next(line for line in markdown(summary).splitlines() if line.startswith("| `s`"))
+    assert len(tables(row)[0][0]) == 6  # six cells: the bar in the criterion did not split it

@@ -1,0 +1,71 @@
+"""common/stats.py against independent oracles: exact enumeration, normal theory, hand-made curves."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from common.stats import bootstrap_ci, first_at_or_above, holm, levelled_off, rank_corr, sign_flip_p, trailing_mean
+
+
+def test_sign_flip_p_matches_the_full_enumeration_two_sided():
+    d = torch.tensor([0.9, -0.2, 0.5, 0.7, -0.1, 0.4, 0.3, 0.8])
+    observed = d.mean().abs()
+    patterns = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=len(d))))  # all 2^n sign patterns
+    exact = ((patterns * d).mean(1).abs() >= observed - 1e-12).double().mean().item()
+    assert sign_flip_p(d, 20_000, seed=0) == pytest.approx(exact, abs=0.01)
+    # two-sided: flipping every sign gives the same p (a one-sided test would not)
+    assert sign_flip_p(-d, 20_000, seed=0) == pytest.approx(exact, abs=0.01)
+    assert exact < 0.1  # a p that a one-sided test would halve: the check above can tell them apart
+
+
+def test_sign_flip_p_of_pure_noise_is_not_small():
+    d = torch.randn(40, generator=torch.Generator().manual_seed(1))
+    d = d - d.mean()  # mean exactly 0: every pattern reaches it
+    assert sign_flip_p(d, 2000, seed=0) > 0.99
+
+
+def test_bootstrap_ci_has_the_normal_width_and_level():
+    g = torch.Generator().manual_seed(0)
+    n, sigma = 400, 2.0
+    d = 3.0 + sigma * torch.randn(n, generator=g)
+    lo, hi = bootstrap_ci(d, 4000, seed=1)
+    se = d.std().item() / math.sqrt(n)
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.1)  # a 90% interval would be 1.645 / 1.96 = 0.84 as wide
+    assert lo < d.mean().item() < hi
+    lo90, hi90 = bootstrap_ci(d, 4000, seed=1, level=0.90)
+    assert (hi90 - lo90) / (hi - lo) == pytest.approx(1.645 / 1.96, rel=0.08)
+
+
+def test_holm_on_a_hand_made_family():
+    # sorted p: 0.01, 0.02, 0.03, 0.5 -> times 4, 3, 2, 1 -> 0.04, 0.06, 0.06, 0.5 (made non-decreasing)
+    assert holm([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    assert holm([0.4, 0.6]) == pytest.approx([0.8, 0.8])  # 0.8, then max(0.8, 0.6)
+    assert holm([0.9, 0.9, 0.9]) == [1.0, 1.0, 1.0]
+
+
+def test_trailing_mean_first_at_or_above_and_the_plateau_rule():
+    assert trailing_mean([1, 2, 3, 4], 3) == pytest.approx([1, 1.5, 2, 3])
+    assert first_at_or_above([0.1, 0.3, 0.2, 0.5], 0.3) == 1
+    assert first_at_or_above([0.1, 0.2], 0.3) is None
+    rising = [0.1 * i for i in range(20)]
+    assert not levelled_off(rising, window=5, tol=0.01, k=3)
+    flat = rising[:10] + [0.9] * 10
+    assert levelled_off(flat, window=5, tol=0.01, k=3)
+    assert not levelled_off([0.5] * 5, window=5, tol=0.01, k=3)  # no value before the window
+
+
+def test_rank_corr_against_a_direct_spearman():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(12, generator=g)
+    scores = torch.stack([base + 0.3 * torch.randn(12, generator=g) for _ in range(3)])
+
+    def spearman(a, b):  # Pearson correlation of the ranks
+        ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+        return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
+
+    pairs = [spearman(scores[i], scores[j]) for i, j in itertools.combinations(range(3), 2)]
+    assert rank_corr(scores) == pytest.approx(sum(pairs) / len(pairs), abs=1e-9)
+    assert rank_corr(torch.stack([base, base])) == pytest.approx(1.0)
+    assert rank_corr(torch.stack([base, -base])) == pytest.approx(-1.0)
