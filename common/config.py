@@ -201,6 +201,9 @@ def run_dir(cfg, script: str) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    # A folder holds results.json only when its run finished: an earlier run's results would otherwise sit
+    # beside this run's config.json until this run writes its own (every script writes it last).
+    (out / "results.json").unlink(missing_ok=True)
     save_json(out / "config.json", dataclasses.asdict(cfg))
     return out
 
@@ -245,10 +248,16 @@ def _fmt(v) -> str:
 
 
 def cli(run, Config, presets: dict, argv=None, prog=None, description=None) -> dict:
-    """The whole `main` of a script: parse, run, and turn a UserError into one line."""
+    """The whole `main` of a script: parse, run, and turn a UserError into one line (exit status 2) and
+    Ctrl-C into one line (exit status 130, the shell's code for SIGINT) instead of a traceback."""
     cfg = parse(Config, presets, argv, prog=prog, description=description)
+    name = prog or os.path.basename(sys.argv[0])
     try:
         return run(cfg)
     except UserError as e:  # the same one-line form as argparse's errors
-        print(f"{prog or os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; the run folder holds no results.json (cached models are kept)",
+              file=sys.stderr)
+        raise SystemExit(130) from None

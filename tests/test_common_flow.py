@@ -56,6 +56,19 @@ def test_time_samplers_in_unit_interval():
         sample_t(3, "beta")
 
 
+def test_time_samplers_have_their_distributions():
+    """logit_normal is sigmoid(N(0, 1)): its logit has mean 0 and std 1 (a uniform t's logit has std
+    pi / sqrt(3) = 1.81), and it puts 31% of the times in (0.4, 0.6) against the uniform's 20%."""
+    n = 20000
+    ln = sample_t(n, "logit_normal", torch.Generator().manual_seed(0))
+    logit = torch.log(ln / (1 - ln))
+    assert abs(logit.mean().item()) < 0.03 and logit.std().item() == pytest.approx(1.0, abs=0.03)
+    assert ((ln > 0.4) & (ln < 0.6)).float().mean().item() == pytest.approx(0.315, abs=0.02)
+    un = sample_t(n, "uniform", torch.Generator().manual_seed(0))
+    assert un.mean().item() == pytest.approx(0.5, abs=0.01) and un.std().item() == pytest.approx(12 ** -0.5, abs=0.01)
+    assert ((un > 0.4) & (un < 0.6)).float().mean().item() == pytest.approx(0.2, abs=0.02)
+
+
 def test_loss_per_time_bin_matches_loop():
     g = torch.Generator().manual_seed(2)
     t, loss = torch.rand(500, generator=g), torch.rand(500, generator=g)

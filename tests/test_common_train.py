@@ -3,15 +3,32 @@ import torch
 from common.train import EMA, checkpoint_path, load_checkpoint, load_or_train, save_checkpoint
 
 
-def test_ema_matches_the_formula_after_warmup():
+def test_ema_matches_the_formula_in_and_after_the_warm_up():
+    """shadow <- decay * shadow + (1 - decay) * live, with decay = min(decay, (1 + n) / (10 + n)) at the n-th
+    update. At decay 0.9 a swap of decay and 1 - decay, or a skipped warm-up, gives other numbers."""
     model = torch.nn.Linear(2, 1)
-    ema = EMA(model, decay=0.5)
-    ema.updates = 100  # past the warm-up: decay is exactly 0.5
+    ema = EMA(model, decay=0.9)
+    shadow = model.weight.detach().clone()
+    for n in range(1, 41):  # warm-up (decay 2/11, 3/12, ...) and then the plain 0.9 from n = 80 / 10 on
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        shadow = d * shadow + (1 - d) * model.weight.detach()
+        assert torch.allclose(ema.shadow["weight"], shadow, atol=1e-5), n
+    ema.copy_to(model)
+    assert torch.allclose(model.weight, shadow, atol=1e-5)
+
+
+def test_ema_decay_after_the_warm_up_is_the_configured_one():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.9)
+    ema.updates = 1000  # far past the warm-up
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model)
-    assert torch.allclose(ema.shadow["weight"], 0.5 * start + 0.5 * model.weight)
+    assert torch.allclose(ema.shadow["weight"], start + 0.1)  # moved by (1 - decay) of the step
 
 
 def test_checkpoint_cache_roundtrip_corrupt_and_mismatch(capsys):

@@ -1,0 +1,73 @@
+"""The GPU default, checked as far as a CPU allows.
+
+On CUDA every script defaults to its `gpu` preset and the shared code runs under bf16 autocast
+(`common.sampler.autocast`). Neither runs anywhere in CI, so a shape or config error in a `gpu`
+preset, or an op that breaks under bf16, would first show on a reader's GPU. Here each `gpu`
+preset is built at its real widths, patch sizes, batch and token counts and run for a step or two
+on the CPU, and the shared autocast path is run in bf16 on the CPU (`torch.autocast("cpu",
+dtype=torch.bfloat16)`), through one training step and one sampling call.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from common import data as data_mod
+from common import pretrain, sampler
+from common.dit import TinyDiT
+
+
+def cpu_bf16(device, enabled: bool = True):
+    """What common.sampler.autocast does on CUDA, on the CPU."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+@pytest.fixture
+def bf16_on_cpu(monkeypatch):
+    monkeypatch.setattr(sampler, "autocast", cpu_bf16)
+    monkeypatch.setattr(pretrain, "autocast", cpu_bf16)
+
+
+def gpu_pretrain_config(**changes):
+    return pretrain.Config(preset="gpu", device="cpu", **changes)
+
+
+def record_linear_dtypes(model: torch.nn.Module) -> list:
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    return seen
+
+
+def test_the_gpu_pretrain_preset_trains_and_samples_at_its_real_size(bf16_on_cpu):
+    """TinyDiT-m, patch 2 (64 image tokens at 16 px), batch 256, under bf16 autocast: two optimizer
+    steps through the real training loop, then CFG sampling."""
+    cfg = gpu_pretrain_config(steps=2, n_train=512)
+    assert (cfg.model, cfg.patch, cfg.batch) == ("m", 2, 256)
+    data = data_mod.load(cfg.dataset, cfg.n_train, cfg.size, cfg.seed, "train")
+    model, info = pretrain.base_model(cfg, torch.device("cpu"), data=data, data_key="gpu-preset-test")
+    assert not info["cached"] and torch.isfinite(torch.tensor(info["final_loss"]))
+    assert (model.img_size // model.P) ** 2 == 64
+    seen = record_linear_dtypes(model)
+    x = sampler.sample_labels(model, torch.arange(6) % 9, steps=2, scale=cfg.cfg_scale, seed=0)
+    assert x.shape == (6, 3, 16, 16) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert seen and all(d == torch.bfloat16 for d in seen)  # the autocast path really ran in bf16
+
+
+def test_one_bf16_training_step_matches_float32_closely(bf16_on_cpu):
+    """The loss under bf16 autocast is the float32 loss to bf16 precision, and its gradients are finite."""
+    torch.manual_seed(0)
+    model = TinyDiT(img_size=16, channels=3, patch=2, n_classes=9, width=128, depth=2, heads=4)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
+    t, y = torch.rand(8, generator=g), torch.arange(8) % 9
+    from common.flow import fm_loss, interpolate
+
+    loss32 = fm_loss(model(interpolate(x, eps, t), t, y), x, eps).mean()
+    with sampler.autocast("cpu"):
+        loss16 = fm_loss(model(interpolate(x, eps, t), t, y), x, eps).mean()
+    loss16.backward()
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.03)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
