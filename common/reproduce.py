@@ -5,6 +5,7 @@
     python -m common.reproduce --only ram,attention_sinks
     python -m common.reproduce --markdown assets/summary.json   # only rewrite summary.md beside it
     python -m common.reproduce --overview true     # only rebuild assets/overview.png from assets/
+    python -m common.reproduce --notebooks true    # only re-execute notebooks/*.ipynb, storing their outputs
 
 Each step runs as its own process (`python <script> --preset P --out outputs/<script>`), so a
 failing script is reported and the next one still runs, and each runtime is that script alone.
@@ -58,6 +59,8 @@ class Config(BaseConfig):
     warm: bool = field(True, "rerun the scripts that cache trained models, to time a warm run")
     markdown: str = field("", "run nothing: rewrite summary.md beside this summary.json", shown="none")
     overview: bool = field(False, "run nothing: rebuild assets/overview.png from the figures in assets/")
+    notebooks: bool = field(False, "run nothing else: execute every notebook in notebooks/ top to bottom and "
+                                   "store its outputs (needs requirements-dev.txt)")
     into: str = field("", "merge the steps run (with --only) into this existing summary.json, and rewrite its "
                           "summary.md, instead of writing a new summary", shown="none")
 
@@ -173,7 +176,31 @@ def merge_into(path: Path, new: dict) -> dict:
             "total_seconds": round(sum(r["seconds"] for r in runs.values()), 1)}
 
 
+def execute_notebook(path: Path, timeout: int = 600, write: bool = True) -> float:
+    """Run one notebook top to bottom in a fresh kernel, from the repository root (so `import ram`
+    works), and store its outputs in the file. An error in any cell raises. -> seconds taken."""
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+    except ImportError:
+        raise UserError("executing notebooks needs nbformat, nbclient and ipykernel: "
+                        "pip install -r requirements-dev.txt") from None
+    nb = nbformat.read(path, as_version=4)
+    t0 = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    seconds = time.perf_counter() - t0
+    if write:
+        nbformat.write(nb, path)
+    return seconds
+
+
 def run(cfg: Config) -> dict:
+    if cfg.notebooks:
+        times = {}
+        for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+            times[path.name] = round(execute_notebook(path), 1)
+            print(f"{path.name}: executed in {times[path.name]} s, outputs stored")
+        return times
     if cfg.markdown:  # no run: the table of an existing summary
         src = Path(cfg.markdown)
         try:
