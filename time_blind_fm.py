@@ -437,6 +437,8 @@ def fig_method(out, geometry, decomp, seed):
     q = off_subspace(interpolate(x.expand(len(many), -1, -1, -1), e, many).flatten(1).double(), basis).pow(2)
     ax.plot(many, q.sum(1) / (q.shape[1] - basis.shape[1]), ".", ms=3, alpha=0.5, label="one image, fresh noise")
     ax.plot(many, many ** 2 + c * (1 - many) ** 2, "k-", lw=1, label="t² + c (1 − t)²: the estimator inverts it")
+    q6 = off_subspace(xt.flatten(1).double(), basis).pow(2).sum(1) / (q.shape[1] - basis.shape[1])
+    ax.plot(ts, q6, "o", ms=8, mfc="none", mec="C3", mew=2, label="the six images above")
     ax.set(xlabel="t (0 data, 1 noise)", ylabel="energy per dimension outside\nthe data subspace",
            title=f"{x.shape[-1]} px image, d − k = {xt[0].numel() - basis.shape[1]}")
     ax.legend(fontsize=9)
