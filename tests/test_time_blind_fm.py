@@ -235,6 +235,8 @@ def test_claims_decide_on_their_criteria():
     r = hand_made_results(True)
     r["estimator_slope_upsampled"] = -0.65
     assert tb.claims(r)[0]["reproduced"] is False
+    r["upsampled"]["8"]["gap_share_learned"] = -0.01  # no gap to shrink at the smallest size
+    assert tb.claims(r)[2]["reproduced"] is None
 
 
 def test_smoke_run_writes_the_keys(tmp_path):
