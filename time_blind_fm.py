@@ -491,12 +491,13 @@ def figures(out, r, per_bin, samples, geometry):
     fig.tight_layout()
     fig.savefig(out / "fig_gap_by_resolution.png", dpi=120)
     plt.close(fig)
-    curves = {f"images, {fam}": ([v["d_minus_k"] for v in r[fam].values()], [v["rmse"] for v in r[fam].values()])
-              for fam in ("native", "upsampled")}
+    curves = {label: ([v["d_minus_k"] for v in r[fam].values()], [v["rmse"] for v in r[fam].values()])
+              for fam, label in (("native", "images drawn at each size"), ("upsampled", "drawn small, upsampled"))}
     dmk = sorted({x for xs, _ in curves.values() for x in xs})
     curves["theory 0.43 / √(d − k)"] = (dmk, [0.43 / math.sqrt(x) for x in dmk])
     save_curves(curves, out / "fig_estimator_rmse.png", "d − k (dimensions outside the subspace)",
-                "RMSE of t read off x_t", f"k = {r['k_images']} principal directions", logx=True, logy=True)
+                "RMSE of t read off x_t", f"k = {r['k_images']} principal directions and the mean",
+                logx=True, logy=True)
     save_image_panels([(NAMES[n], samples[n][:36]) for n in SETTINGS], out / "fig_samples_grid.png", nrow=6,
                       title="the same noise through four nets")
     save_curves({NAMES[n]: per_bin[n] for n in SETTINGS}, out / "fig_loss_per_time.png", "t (0 data, 1 noise)",
