@@ -33,7 +33,7 @@ Estimator* (our t): U the data's top-k principal directions plus its mean, c its
     t_hat = (c + sqrt(max(0, (1 + c) q - c))) / (1 + c), with RMSE ~ t / sqrt(2 (d - k)).
 
 Run
-    python time_blind_fm.py                    # cpu preset: 396 s on 2 CPU cores (24 s with its nets cached)
+    python time_blind_fm.py                    # cpu preset: 358 s on 2 CPU cores (22 s with its nets cached)
     python time_blind_fm.py --preset gpu       # larger nets, GPU (not measured yet)
     python time_blind_fm.py --preset smoke     # seconds, what the tests run
     python time_blind_fm.py --dataset mnist    # real digits: the MNIST files (docs/running.md)
@@ -74,7 +74,7 @@ class Config(BaseConfig):
     k: int = field(8, "strong directions of the Gaussian data the decomposition is computed on")
     decomp_d: str = field("256,1024,4096,16384,65536", "dimensions d of the exact decomposition (>= 2 decades)")
     n_mc: int = field(20000, "draws of the Monte Carlo check of the exact decomposition (at the smallest d)")
-    model: str = field("xs", "TinyDiT size of the velocity nets (xs: ten nets fit a 10-minute CPU run)",
+    model: str = field("xs", "TinyDiT size of the velocity nets (xs: twelve nets fit a 10-minute CPU run)",
                        choices=tuple(SIZES))
     steps: int = field(1200, "optimizer steps per net (all nets get the same steps and seeds)")
     batch: int = field(48, "images per step at every size (every net sees the same number of images); "
