@@ -29,7 +29,8 @@ BATTERY = {
                    ["--threshold", "1.5"], ["--attention", "cuda"]],
     "lfm_stability": [["--clusters", "100000"], ["--steps", "0"]],
     "attention_sinks": [["--layer", "99"], ["--ks", "1,50"], ["--ks", "0"], ["--n-samples", "0"]],
-    "time_blind_fm": [["--ks", "2000"], ["--sizes", "6"], ["--synth-dmk", "1"], ["--dataset", "cifar"]],
+    "time_blind_fm": [["--decomp-d", "16"], ["--decomp-d", "256,x"], ["--sizes", "6"], ["--k", "0"],
+                      ["--dataset", "cifar"]],
     "reproduce": [["--only", "nothing"]],
 }
 CASES = [(name, argv) for name, cases in BATTERY.items() for argv in cases + EVERY]
