@@ -76,6 +76,17 @@ class Config(BaseConfig):
 PRESETS = {"smoke": dict(), "cpu": dict(), "gpu": dict()}  # the preset is passed on to every script
 
 
+def cpu_model() -> str:
+    """The CPU's model name (timings on different CPUs differ by 2x or more)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def run_step(name: str, args: list, cfg, out: Path, logs: Path) -> dict:
     """Run one script as its own process; its output goes to logs/<name>.log. -> the run's record."""
     folder = out / name
@@ -120,8 +131,9 @@ def cell(v) -> str:
 
 def markdown(summary: dict) -> str:
     runs = summary["runs"]
+    machine = ", ".join(filter(None, (summary["machine"], summary.get("cpu_model"))))
     lines = [f"# Reproduction summary: `python -m common.reproduce --preset {summary['preset']}`", "",
-             f"{summary['machine']}; torch {summary['torch']}; device {summary['device']}; "
+             f"{machine}; torch {summary['torch']}; device {summary['device']}; "
              f"{summary['total_seconds']:,.0f} s in all.", "",
              "| script | claim | paper | ours | test | reproduced here |", "| --- | --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join([f"`{c['script']}`", *(cell(c[k]) for k in ("claim", "paper", "ours", "criterion",
@@ -226,8 +238,8 @@ def run(cfg: Config) -> dict:
         runs[name] = run_step(name, args, cfg, out, logs)
         print(f"      {runs[name]['status']} in {runs[name]['seconds']:,.1f} s", flush=True)
     summary = dict(preset=cfg.preset, seed=cfg.seed, device=str(resolve_device(cfg.device)), torch=torch.__version__,
-                   machine=f"{platform.machine()}, {os.cpu_count()} CPU cores", total_seconds=round(
-                       time.perf_counter() - t0, 1), runs=runs, claims=claim_rows(runs))
+                   machine=f"{platform.machine()}, {os.cpu_count()} CPU cores", cpu_model=cpu_model(),
+                   total_seconds=round(time.perf_counter() - t0, 1), runs=runs, claims=claim_rows(runs))
     if cfg.into:
         summary = merge_into(Path(cfg.into), summary)
         out = Path(cfg.into).parent
