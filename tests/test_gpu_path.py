@@ -71,3 +71,22 @@ def test_one_bf16_training_step_matches_float32_closely(bf16_on_cpu):
     loss16.backward()
     assert loss16.item() == pytest.approx(loss32.item(), rel=0.03)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_the_gpu_time_blind_fm_preset_trains_its_nets_at_their_real_sizes(bf16_on_cpu):
+    """time_blind_fm's gpu preset: TinyDiT-m at every size of its studies (8, 16, 32 px, patch 4), batch
+    256, both couplings (the OT one solves a 256 x 256 assignment), one optimizer step each, then a
+    time-blind net samples on the preset's Euler grid."""
+    import time_blind_fm as tb
+    from common.config import int_list
+
+    cfg = tb.Config(preset="gpu", device="cpu", steps=1, n_train=512)
+    assert (cfg.model, cfg.batch) == ("m", 256)
+    for size in sorted({*int_list(cfg.sizes, "--sizes"), cfg.grid_size}):
+        x = tb.load_images(cfg, size, "train", cfg.n_train, upsampled=False)
+        for time_cond, coupling in ((True, "independent"), (False, "ot")):
+            net = tb.train_fm(cfg, x, time_cond, coupling, torch.device("cpu"))
+            assert (net.img_size // net.P) ** 2 == (size // 4) ** 2
+    with torch.no_grad():
+        samples = tb.euler(net, torch.randn(4, *x.shape[1:]), steps=cfg.sample_steps)
+    assert samples.shape == (4, *x.shape[1:]) and torch.isfinite(samples).all()
