@@ -1,0 +1,28 @@
+"""common.cost counts what a training step costs: checked on a layer whose cost is known by hand."""
+
+import torch
+
+from common.cost import dit_step, train_step_cost
+from common.dit import TinyDiT
+
+
+def test_a_linear_layer_costs_what_the_hand_count_says():
+    B, n_in, n_out = 32, 24, 16
+    layer = torch.nn.Linear(n_in, n_out)
+    x = torch.randn(B, n_in)
+
+    def step():
+        torch.relu(layer(x)).sum().backward()
+
+    c = train_step_cost(step, layer)
+    # forward 2 B n_in n_out; backward: the weight's gradient only (x needs none), another 2 B n_in n_out
+    assert c["flops"] == 4 * B * n_in * n_out
+    # saved for backward: x (for the weight's gradient) and relu's output (B x n_out); never the weight
+    assert c["activation_bytes"] == 4 * (B * n_in + B * n_out)
+
+
+def test_a_dit_step_grows_linearly_with_the_batch():
+    model = TinyDiT(img_size=8, channels=3, patch=4, n_classes=9, width=32, depth=1, heads=2)
+    one, two = (train_step_cost(dit_step(model, b), model) for b in (4, 8))
+    assert two["flops"] == 2 * one["flops"] > 0
+    assert two["activation_bytes"] == 2 * one["activation_bytes"] > 0
