@@ -187,15 +187,19 @@ def video_stats(video):
     return centroid, colour, w.mean((2, 3))
 
 
+def psnr_per_video(video, ref) -> torch.Tensor:
+    """(B,): PSNR in dB of videos (B, T, C, S, S) in [-1, 1] (peak-to-peak 2) against references."""
+    return 10 * torch.log10(4 / (video - ref).pow(2).flatten(1).mean(1).clamp(min=1e-12))
+
+
 def compare_videos(video, ref, chunk: int = 1) -> dict:
     """A video (B, T, 3, S, S) against a reference from the same noise: PSNR (dB, range [-1, 1]),
     trajectory error (centroid distance, frame sides), colour drift to frame 0, and discontinuity:
     the largest frame-to-frame change at a boundary between chunks of `chunk` frames over the mean."""
-    mse = (video - ref).pow(2).flatten(1).mean(1)
     (c, col, _), c_ref = video_stats(video), video_stats(ref)[0]
     step = (video[:, 1:] - video[:, :-1]).abs().flatten(2).mean(2)  # (B, T-1) frame-to-frame change
     boundary = step[:, chunk - 1::chunk]  # transitions from one chunk into the next
-    return dict(psnr=(10 * torch.log10(4 / mse.clamp(min=1e-12))).mean().item(),
+    return dict(psnr=psnr_per_video(video, ref).mean().item(),
                 traj_err=(c - c_ref).norm(dim=-1).mean().item(), drift=(col - col[:, :1]).norm(dim=-1).mean().item(),
                 discontinuity=(boundary.amax(1) / step.mean(1)).mean().item())
 
