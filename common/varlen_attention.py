@@ -106,7 +106,7 @@ def _jit(fn):  # without triton the kernel is still defined (and readable), it j
 
 @_jit
 def _varlen_attention_kernel(Q, KC, VC, Offsets, Lengths, KN, VN, Out, sm_scale, H, Nq, Nn,
-                             sqb, sqh, sqm, skc, snb, snh, snn, sob, soh, som,
+                             sqb, sqh, sqm, skc, snb, snh, snn, svb, svh, svn, sob, soh, som,
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Flash-attention's online softmax over one pair's keys, read in BLOCK_N tiles: first its packed
@@ -125,15 +125,16 @@ def _varlen_attention_kernel(Q, KC, VC, Offsets, Lengths, KN, VN, Out, sm_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
-    new_base = b * snb + h * snh
+    k_base, v_base = b * snb + h * snh, b * svb + h * svh  # the chunk's own keys and values: own strides
     for j0 in range(0, n + Nn, BLOCK_N):  # every tile holds >= 1 real key, so m_i is finite after it
         cols = j0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) positions in the virtual sequence
         in_cache, in_new = cols < n, (cols >= n) & (cols < n + Nn)  # the ragged tail is in neither
         c_ptr = (start + cols)[:, None] * skc + dims[None, :]  # (BLOCK_N, BLOCK_D)
-        n_ptr = new_base + (cols - n)[:, None] * snn + dims[None, :]
+        kn_ptr = k_base + (cols - n)[:, None] * snn + dims[None, :]
+        vn_ptr = v_base + (cols - n)[:, None] * svn + dims[None, :]
         c_ok, n_ok = in_cache[:, None] & d_ok, in_new[:, None] & d_ok
-        k = tl.where(c_ok, tl.load(KC + c_ptr, mask=c_ok, other=0.0), tl.load(KN + n_ptr, mask=n_ok, other=0.0))
-        v = tl.where(c_ok, tl.load(VC + c_ptr, mask=c_ok, other=0.0), tl.load(VN + n_ptr, mask=n_ok, other=0.0))
+        k = tl.where(c_ok, tl.load(KC + c_ptr, mask=c_ok, other=0.0), tl.load(KN + kn_ptr, mask=n_ok, other=0.0))
+        v = tl.where(c_ok, tl.load(VC + c_ptr, mask=c_ok, other=0.0), tl.load(VN + vn_ptr, mask=n_ok, other=0.0))
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
         s = tl.where((in_cache | in_new)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -163,8 +164,8 @@ def launch_grid(B: int, H: int, Nq: int, block_m: int = 64) -> tuple:
 
 def varlen_attention_triton(q, k_packed, v_packed, offsets, lengths, k_new, v_new, block_m=64, block_n=64):
     """Launch the fused kernel. Same arguments and result as the reference. No gathered or concatenated
-    K/V copy; an input is copied only when its last dimension is not contiguous (the kernel reads
-    rows through strides), or when k_new and v_new have different strides."""
+    K/V copy; the kernel reads q, k_new, v_new and out through their strides, so an input is copied only
+    when its last dimension is not contiguous, or when k_packed and v_packed have different strides."""
     B, H, Nq, Dh = q.shape
     Nn = k_new.shape[2]
     assert k_packed.shape == v_packed.shape and k_packed.shape[1] == Dh and offsets.shape == lengths.shape == (B, H)
@@ -173,9 +174,7 @@ def varlen_attention_triton(q, k_packed, v_packed, offsets, lengths, k_new, v_ne
         f"one dtype for the queries, the cache and the new K/V, got {q.dtype}, {k_packed.dtype}, {k_new.dtype}")
     q, k_packed, v_packed, k_new, v_new = (x if x.stride(-1) == 1 else x.contiguous()
                                            for x in (q, k_packed, v_packed, k_new, v_new))
-    if k_new.stride() != v_new.stride():  # one set of strides is passed for both
-        k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    if k_packed.stride() != v_packed.stride():
+    if k_packed.stride() != v_packed.stride():  # one row stride is passed for both
         k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()
     # A cache stores offsets/lengths as int32 on the device when it commits: then these are no-ops.
     offsets, lengths = offsets.to(q.device, torch.int32).contiguous(), lengths.to(q.device, torch.int32).contiguous()
@@ -183,7 +182,7 @@ def varlen_attention_triton(q, k_packed, v_packed, offsets, lengths, k_new, v_ne
     BLOCK_M, grid = launch_grid(B, H, Nq, block_m)
     _varlen_attention_kernel[grid](
         q, k_packed, v_packed, offsets, lengths, k_new, v_new, out, 1 / math.sqrt(Dh), H, Nq, Nn,
-        *q.stride()[:3], k_packed.stride(0), *k_new.stride()[:3], *out.stride()[:3],
+        *q.stride()[:3], k_packed.stride(0), *k_new.stride()[:3], *v_new.stride()[:3], *out.stride()[:3],
         HEAD_DIM=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)), BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)  # fp32: exact products, no TF32 rounding
     return out

@@ -133,6 +133,27 @@ def test_fused_kernel_inside_a_short_generation_equals_the_torch_path(model):
     assert torch.allclose(videos[0], videos[1], atol=1e-5)
 
 
+def test_the_cuda_default_path_at_the_cpu_presets_shapes(monkeypatch):
+    """--attention auto on CUDA is 'checked': the fused kernel, compared with gather + SDPA on its first call.
+    Here under the interpreter, with the cpu preset's model (4 heads of 24) and frames (16 px: Nq = 48, so
+    BLOCK_M = 64), fp32 (bf16 cannot be checked by the interpreter): the same video as the PyTorch path."""
+    pytest.importorskip("triton")
+    import common.varlen_attention as va
+
+    monkeypatch.setattr(va, "CHECK", {})
+    m = fk.make_model(fk.Config(model="s")).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    y, noise = inputs(B=2, chunks=4, size=16)
+    kinds = torch.tensor([[0] * 4] + [[STATIC, DYNAMIC, STATIC, DYNAMIC]] * 3)
+    videos = [fk.rollout(m, fk.CompressedCache(kinds, impl=impl), y, noise, steps=1) for impl in ("torch", "checked")]
+    assert torch.allclose(videos[0], videos[1], atol=1e-4)
+    (check,) = va.CHECK.values()
+    assert check["path"] == "triton" and check["max_abs_diff"] <= 1e-4
+
+
 def test_bench_flag_writes_bench_json(tmp_path):
     res = fk.main(["--preset", "smoke", "--bench", "true", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench.json").read_text())
