@@ -42,15 +42,13 @@ import time
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
+from matplotlib import colors, patches
 from tqdm import tqdm
 
 from common import config, dit
 from common import data as data_mod
 from common import varlen_attention as va
 from common.config import BaseConfig, UserError, cli, field, int_list, print_table, resolve_device, run_dir, save_json
-from common.data import psnr_per_video
 from common.dit import SIZES, attention_ref
 from common.flow import interpolate, velocity_target
 from common.plot import grid as image_grid
@@ -69,8 +67,8 @@ CONTEXT_NOISE = 0.1  # training context chunks sit at t ~ U(0, 0.1): nearly clea
 RESTART = 0.25  # share of training chunks denoised without context: more first chunks (one per 24 frames)
 TIMING_REPEATS, N_BOOT = 3, 2000  # frames per second: the best of 3 rollouts per cache; bootstrap resamples
 KINDS = {"layer0": 0, "static": 1, "dynamic": 2}  # layer 0 is untyped; it keeps what static heads keep
-UNIFORM = {"sink + W recent frames": [f"sink+{w}" for w in range(1, 5)], "W recent frames": [f"{w} recent" for w in
-                                                                                             range(1, 5)]}
+UNIFORM = {"sink + W recent frames": ["sink+1", "sink+2", "sink+3", "sink+4"], "W recent frames": ["1 recent",
+           "2 recent", "3 recent", "4 recent"]}  # the uniform caches, W = 1..4 (`variants`), two curves of bytes
 GATE = dict(colour=0.95, area=0.3, visitor=0.75)  # the full-cache video must pass these (`full_gate`)
 
 
@@ -427,16 +425,15 @@ def quality(model, cfg, kinds, impl, device) -> tuple[dict, dict]:
     y, noise = eval_inputs(cfg, cfg.size, cfg.n_videos, device)
     fc = FullCache(model.depth, noise.shape[1])
     full = rollout(model, fc, y, noise, cfg.sample_steps).cpu()
-    per = {"full": dict(psnr=None, visitor=data_mod.visitor_returns(full, y.cpu()), bytes=fc.nbytes())}
-    videos = {"full": full}
-    todo = variants(cfg, kinds, impl)
+    per, videos = {"full": dict(psnr=None, visitor=data_mod.visitor_returns(full, y.cpu()), bytes=fc.nbytes())}, {}
+    todo, videos["full"] = variants(cfg, kinds, impl), full
     bar = tqdm(total=sum(map(len, todo.values())) * cfg.chunks, desc=f"caches at {cfg.size}px", mininterval=2.0)
     for name, makers in todo.items():
         p, v, b = [], [], []
         for make in makers:
             cache = make()
             videos[name] = rollout(model, cache, y, noise, cfg.sample_steps, bar).cpu()
-            p.append(psnr_per_video(videos[name], full))
+            p.append(data_mod.psnr_per_video(videos[name], full))
             v.append(data_mod.visitor_returns(videos[name], y.cpu()))
             b.append(cache.nbytes())
         per[name] = dict(psnr=torch.stack(p).mean(0), visitor=torch.stack(v).nanmean(0), bytes=sum(b) / len(b))
@@ -530,7 +527,7 @@ def fig_method(out, model, cfg, kinds, mass, device):
     y, noise = calib_inputs(cfg)
     cache = CompressedCache(kinds, buffer=cfg.buffer)
     rollout(model, cache, y[:1].to(device), noise[:1, :CALIB_STEP * FRAMES_PER_CHUNK].to(device), cfg.sample_steps)
-    T, s = mass.shape[-1], head_scores(mass)[0]
+    T, s = mass.shape[-1], head_scores(mass)[0]  # heads: layer 0's first, the highest- and lowest-scored typed
     heads = [(0, 0)] + [divmod(int(i), model.H) for i in (s[1:].argmax() + model.H, s[1:].argmin() + model.H)]
     fig, axes = plt.subplots(3, 2, figsize=(10, 6.5), gridspec_kw=dict(width_ratios=(1.4, 1)))
     for (l, h), (ax1, ax2) in zip(heads, axes):
@@ -539,7 +536,7 @@ def fig_method(out, model, cfg, kinds, mass, device):
         if kinds[l, h] == KINDS["dynamic"] and cache.sel is not None:
             for j in cache.sel[0].tolist():
                 keep[j % SEGMENTS, cache.cand[0] + j // SEGMENTS] = 2
-        ax1.imshow(keep, cmap=ListedColormap(KEEP_COLOURS), vmin=-0.5, vmax=3.5, aspect="auto")
+        ax1.imshow(keep, cmap=colors.ListedColormap(KEEP_COLOURS), vmin=-0.5, vmax=3.5, aspect="auto")
         kind = ["layer 0 (untyped)", "static head", "dynamic head"][int(kinds[l, h])]
         ax1.set(title=f"layer {l}, head {h}: {kind}, s = {s[l, h]:.2f}", ylabel="segment (row)",
                 xticks=range(T), yticks=range(SEGMENTS))
@@ -548,7 +545,7 @@ def fig_method(out, model, cfg, kinds, mass, device):
         ax2.set(title="its attention mass, full cache", xticks=range(0, T, 2), ylim=(0, 1))
     axes[-1, 0].set_xlabel("frame (12-14: the chunk being generated)")
     axes[-1, 1].set_xlabel("key frame")
-    handles = [Patch(color=c, label=t) for c, t in zip(KEEP_COLOURS, ("evicted", "kept whole frame",
+    handles = [patches.Patch(color=c, label=t) for c, t in zip(KEEP_COLOURS, ("evicted", "kept whole frame",
                                                                          "buffered segment", "the chunk itself"))]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9)
     save_fig(fig, out / "fig_method.png", rect=(0, 0.05, 1, 1))
