@@ -144,9 +144,9 @@ def typed_rank_corr(scores) -> float:
 
 
 class FullCache:
-    """Self Forcing's cache: per layer one buffer (B, H, frames N, Dh) in the model's dtype. Each call
-    writes the chunk's keys/values after the filled part (the clean pass's stay) and attends over the
-    filled slice: no copy, ever. record=True: also keep the attention mass of the chunk's queries on
+    """Self Forcing's cache: per layer one buffer (B, H, frames N, Dh) in the model's dtype. Each call writes
+    the chunk's keys/values after the filled part (the clean pass's stay) and attends over the filled slice,
+    a view: the cache is never copied. record=True: also keep the attention mass of the chunk's queries on
     each key frame in the denoising steps of AR step CALIB_STEP, per (layer, head) (`calibrate`)."""
 
     def __init__(self, depth: int, frames: int, record=False):
@@ -247,8 +247,8 @@ class CompressedCache:
     def pack(self, layer: int, blocks: list, device):
         """blocks [(heads, runs (2, B, G, n, Dh), sink and buffer lengths)] -> the layer's packed k, v (2, T,
         Dh), runs (b, head)-major and back to back; offsets, lengths (B, H) int32, built on the host (the
-        grouped path's layout, `varlen_groups`) and copied to the device once per layer per chunk (the
-        kernel reads them there): a host-to-device copy, never a read back from the device."""
+        grouped path's layout, `varlen_groups`) and copied to the device (the kernel reads them there): on
+        CUDA a sync, once per layer per chunk; no attention call syncs."""
         kv, H = torch.cat([run.flatten(1, 3) for _, run, *_ in blocks], 1), self.kinds.shape[1]
         B, start, views = blocks[0][1].shape[1], 0, []
         offsets, lengths = torch.zeros(B, H, dtype=torch.int32), torch.zeros(B, H, dtype=torch.int32)
