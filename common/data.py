@@ -5,7 +5,8 @@ random size and position, anti-aliased, on a black background; images in [-1, 1]
 with S = 16 by default (8, 32 and 64 also work). Deterministic for a seed. The attributes (shape,
 colour, centre, radius in pixels) come with the images for programmatic checks and rewards, and
 `render_shapes` draws any attributes. `moving_shapes` animates them: videos of one or two shapes
-moving at constant velocity and bouncing off the frame's edges (forcing_kv.py); `video_stats`
+moving at constant velocity and bouncing off the frame's edges; `visiting_shapes` adds a blinking
+visitor whose colour must be remembered (forcing_kv.py); `video_stats`
 measures where the objects are, their colour and size, back from the pixels; `compare_videos` and
 `object_kept` are the quality checks built on it.
 """
@@ -116,6 +117,64 @@ def moving_shapes(n: int, frames: int, size: int, g: torch.Generator):
     return video.transpose(0, 1).contiguous(), 3 * shape + colour
 
 
+def visiting_shapes(n: int, frames: int, size: int, g: torch.Generator):
+    """Videos for the cache comparisons (forcing_kv.py): moving_shapes' one object, plus a smaller *visitor*
+    of its shape in one of the other two colours, known from neither the label nor the first chunk. It
+    appears at frame 3-5, then blinks out for 1-3 frames after every 3-6 visible ones, moving all the
+    while: to redraw it after a blink, a model needs its colour from 2-4 frames back.
+    -> videos (n, frames, 3, size, size), labels (n,), visible (n, frames) bool (the visitor's)."""
+    shape, colour = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    guest = (colour + 1 + torch.randint(0, 2, (n,), generator=g)) % 3
+    r = size * torch.stack([0.16 + 0.06 * torch.rand(n, generator=g), 0.12 + 0.03 * torch.rand(n, generator=g)], 1)
+    lo, hi = 1.25 * r + 1, size - 1.25 * r - 1
+    start = lo[..., None] + (hi - lo)[..., None] * torch.rand(n, 2, 2, generator=g)  # (n, obj, xy)
+    angle, speed = 2 * math.pi * torch.rand(n, 2, generator=g), size * (0.03 + 0.05 * torch.rand(n, 2, generator=g))
+    vel = speed[..., None] * torch.stack([angle.cos(), angle.sin()], -1)
+    f = torch.arange(frames, dtype=torch.float32)[:, None, None, None]
+    pos = fold(start + f * vel, lo[..., None], hi[..., None])  # (T, n, obj, xy)
+    visible = torch.zeros(n, frames, dtype=torch.bool)
+    for i in range(n):  # the visitor's schedule: enter, then (visible 3-6 frames, hidden 1-3) repeated
+        t = int(torch.randint(3, 6, (1,), generator=g))
+        while t < frames:
+            on = int(torch.randint(3, 7, (1,), generator=g))
+            visible[i, t:t + on] = True
+            t += on + int(torch.randint(1, 4, (1,), generator=g))
+    video = -torch.ones(frames, n, 3, size, size)
+    for t in range(frames):
+        main = render_shapes(shape, colour, pos[t, :, 0, 0], pos[t, :, 0, 1], r[:, 0], size)
+        guest_img = render_shapes(shape, guest, pos[t, :, 1, 0], pos[t, :, 1, 1], r[:, 1], size)
+        video[t] = torch.where(visible[:, t, None, None, None], torch.maximum(main, guest_img), main)
+    return video.transpose(0, 1).contiguous(), 3 * shape + colour, visible
+
+
+def visitor_colours(video, labels):
+    """(B, T, 3, S, S) videos of `visiting_shapes` -> the visitor's colour per frame (B, T), -1 where it is
+    not visible: the most frequent dominant channel among lit pixels other than the label's colour, when
+    it covers at least S^2 / 64 pixels (4 at 16 px; a visitor covers about 13)."""
+    lit, dom = video.amax(2) > 0, video.argmax(2)  # (B, T, S, S)
+    counts = torch.stack([(lit & (dom == c)).sum((2, 3)) for c in range(3)], -1)  # (B, T, 3)
+    counts[torch.arange(len(labels)), :, labels % 3] = -1  # the main object's colour is not the visitor's
+    best, colour = counts.max(-1)
+    return torch.where(best >= max(1, video.shape[-1] ** 2 // 64), colour, -1)
+
+
+def visitor_returns(video, labels) -> torch.Tensor:
+    """Per video (B,): the share of the visitor's returns (a visible frame after hidden ones, once it has
+    appeared) that bring back the colour it had in its last visible frame; NaN for a video without one."""
+    out = []
+    for row in visitor_colours(video, labels).tolist():
+        last, gap, kept, n = None, False, 0, 0
+        for c in row:
+            if c < 0:
+                gap = last is not None
+                continue
+            if gap:
+                kept, n = kept + (c == last), n + 1
+            last, gap = c, False
+        out.append(kept / n if n else float("nan"))
+    return torch.tensor(out)
+
+
 def video_stats(video):
     """Measured from the pixels of shapes videos (B, T, 3, S, S) in [-1, 1]: the objects' centroid
     (B, T, 2) in frame sides, the mean colour of their pixels (B, T, 3) in [0, 1], and their area
@@ -128,15 +187,19 @@ def video_stats(video):
     return centroid, colour, w.mean((2, 3))
 
 
+def psnr_per_video(video, ref) -> torch.Tensor:
+    """(B,): PSNR in dB of videos (B, T, C, S, S) in [-1, 1] (peak-to-peak 2) against references."""
+    return 10 * torch.log10(4 / (video - ref).pow(2).flatten(1).mean(1).clamp(min=1e-12))
+
+
 def compare_videos(video, ref, chunk: int = 1) -> dict:
     """A video (B, T, 3, S, S) against a reference from the same noise: PSNR (dB, range [-1, 1]),
     trajectory error (centroid distance, frame sides), colour drift to frame 0, and discontinuity:
     the largest frame-to-frame change at a boundary between chunks of `chunk` frames over the mean."""
-    mse = (video - ref).pow(2).flatten(1).mean(1)
     (c, col, _), c_ref = video_stats(video), video_stats(ref)[0]
     step = (video[:, 1:] - video[:, :-1]).abs().flatten(2).mean(2)  # (B, T-1) frame-to-frame change
     boundary = step[:, chunk - 1::chunk]  # transitions from one chunk into the next
-    return dict(psnr=(10 * torch.log10(4 / mse.clamp(min=1e-12))).mean().item(),
+    return dict(psnr=psnr_per_video(video, ref).mean().item(),
                 traj_err=(c - c_ref).norm(dim=-1).mean().item(), drift=(col - col[:, :1]).norm(dim=-1).mean().item(),
                 discontinuity=(boundary.amax(1) / step.mean(1)).mean().item())
 

@@ -57,6 +57,13 @@ def save_curves(curves: dict, path, xlabel: str, ylabel: str, title: str = "", l
     plt.close(fig)
 
 
+def save_fig(fig, path, rect=None, dpi: int = 120) -> None:
+    """tight_layout (inside rect, figure fractions), save as PNG, close."""
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def save_overview(panels: list, path, width: float = 12.0, row_aspect: float = 4.2, title_h: float = 0.5) -> None:
     """A composite of existing PNG figures: panels = [(caption, png path), ...], in reading order.
     Panels fill rows of about `row_aspect` (width / height); in a row they share one height, so each

@@ -17,6 +17,14 @@ def bootstrap_ci(d: torch.Tensor, n_boot: int, seed: int, level: float = 0.95) -
     return [float(lo), float(hi)]
 
 
+def paired_ci(a: torch.Tensor, b: torch.Tensor, n_boot: int, seed: int) -> dict:
+    """a - b (n,) over the pairs where both are defined (not NaN): mean, 95% `bootstrap_ci` (NaN with fewer
+    than two pairs) and the number of pairs n."""
+    d = (a - b)[~(a - b).isnan()]
+    ci = bootstrap_ci(d, n_boot, seed) if len(d) > 1 else [float("nan")] * 2
+    return dict(mean=d.double().mean().item() if len(d) else float("nan"), ci=ci, n=len(d))
+
+
 def sign_flip_p(d: torch.Tensor, n_perm: int, seed: int) -> float:
     """Two-sided paired permutation test of mean(d) = 0. Under the null each pair's sign is a coin flip,
     so the p-value is the share of random sign patterns whose |mean| reaches the observed |mean|

@@ -106,14 +106,14 @@ def _jit(fn):  # without triton the kernel is still defined (and readable), it j
 
 @_jit
 def _varlen_attention_kernel(Q, KC, VC, Offsets, Lengths, KN, VN, Out, sm_scale, H, Nq, Nn,
-                             sqb, sqh, sqm, skc, snb, snh, snn, sob, soh, som,
+                             sqb, sqh, sqm, skc, snb, snh, snn, svb, svh, svn, sob, soh, som,
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Flash-attention's online softmax over one pair's keys, read in BLOCK_N tiles: first its packed
     cached run, then the chunk's own keys. Both are one *virtual* sequence of n + Nn keys: tile
     column j comes from the cache if j < n, else from k_new[j - n]; two masked loads, never a copy.
     The last dimension is contiguous (stride 1) in every tensor; BLOCK_D pads HEAD_DIM to a power of 2."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: every pointer offset below
+    pid_bh, pid_m = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: every pointer offset below
     b, h = pid_bh // H, pid_bh % H  # is computed in 64 bits, so caches past 2^31 elements address right
     start, n = tl.load(Offsets + pid_bh).to(tl.int64), tl.load(Lengths + pid_bh)  # this pair's run
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,) query indices
@@ -125,15 +125,16 @@ def _varlen_attention_kernel(Q, KC, VC, Offsets, Lengths, KN, VN, Out, sm_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
-    new_base = b * snb + h * snh
+    k_base, v_base = b * snb + h * snh, b * svb + h * svh  # the chunk's own keys and values: own strides
     for j0 in range(0, n + Nn, BLOCK_N):  # every tile holds >= 1 real key, so m_i is finite after it
         cols = j0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) positions in the virtual sequence
         in_cache, in_new = cols < n, (cols >= n) & (cols < n + Nn)  # the ragged tail is in neither
         c_ptr = (start + cols)[:, None] * skc + dims[None, :]  # (BLOCK_N, BLOCK_D)
-        n_ptr = new_base + (cols - n)[:, None] * snn + dims[None, :]
+        kn_ptr = k_base + (cols - n)[:, None] * snn + dims[None, :]
+        vn_ptr = v_base + (cols - n)[:, None] * svn + dims[None, :]
         c_ok, n_ok = in_cache[:, None] & d_ok, in_new[:, None] & d_ok
-        k = tl.where(c_ok, tl.load(KC + c_ptr, mask=c_ok, other=0.0), tl.load(KN + n_ptr, mask=n_ok, other=0.0))
-        v = tl.where(c_ok, tl.load(VC + c_ptr, mask=c_ok, other=0.0), tl.load(VN + n_ptr, mask=n_ok, other=0.0))
+        k = tl.where(c_ok, tl.load(KC + c_ptr, mask=c_ok, other=0.0), tl.load(KN + kn_ptr, mask=n_ok, other=0.0))
+        v = tl.where(c_ok, tl.load(VC + c_ptr, mask=c_ok, other=0.0), tl.load(VN + vn_ptr, mask=n_ok, other=0.0))
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
         s = tl.where((in_cache | in_new)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -154,36 +155,48 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def launch_grid(B: int, H: int, Nq: int, block_m: int = 64) -> tuple:
+    """(BLOCK_M, grid): B * H pairs in grid dimension 0 (CUDA allows 2^31 - 1 there, 65,535 in the others),
+    the query blocks in dimension 1. tl.dot needs tiles of >= 16 rows."""
+    BLOCK_M = min(block_m, max(16, triton.next_power_of_2(Nq)))
+    return BLOCK_M, (B * H, triton.cdiv(Nq, BLOCK_M))
+
+
 def varlen_attention_triton(q, k_packed, v_packed, offsets, lengths, k_new, v_new, block_m=64, block_n=64):
-    """Launch the fused kernel: grid (query blocks, B * H). Same arguments and result as the reference."""
+    """Launch the fused kernel. Same arguments and result as the reference. No gathered or concatenated
+    K/V copy; the kernel reads q, k_new, v_new and out through their strides, so an input is copied only
+    when its last dimension is not contiguous, or when k_packed and v_packed have different strides."""
     B, H, Nq, Dh = q.shape
     Nn = k_new.shape[2]
     assert k_packed.shape == v_packed.shape and k_packed.shape[1] == Dh and offsets.shape == lengths.shape == (B, H)
     assert k_new.shape == v_new.shape == (B, H, Nn, Dh) and Nn >= 1, "the chunk attends at least to itself"
     assert q.dtype == k_packed.dtype == v_packed.dtype == k_new.dtype == v_new.dtype, (
         f"one dtype for the queries, the cache and the new K/V, got {q.dtype}, {k_packed.dtype}, {k_new.dtype}")
-    q, k_packed, v_packed, k_new, v_new = (x.contiguous() for x in (q, k_packed, v_packed, k_new, v_new))
+    q, k_packed, v_packed, k_new, v_new = (x if x.stride(-1) == 1 else x.contiguous()
+                                           for x in (q, k_packed, v_packed, k_new, v_new))
+    if k_packed.stride() != v_packed.stride():  # one row stride is passed for both
+        k_packed, v_packed = k_packed.contiguous(), v_packed.contiguous()
     # A cache stores offsets/lengths as int32 on the device when it commits: then these are no-ops.
     offsets, lengths = offsets.to(q.device, torch.int32).contiguous(), lengths.to(q.device, torch.int32).contiguous()
-    out = torch.empty_like(q)
-    BLOCK_M = min(block_m, max(16, triton.next_power_of_2(Nq)))  # tl.dot needs tiles of >= 16
-    grid = (triton.cdiv(Nq, BLOCK_M), B * H)
+    out = torch.empty_like(q)  # q's strides (empty_like keeps a dense layout)
+    BLOCK_M, grid = launch_grid(B, H, Nq, block_m)
     _varlen_attention_kernel[grid](
         q, k_packed, v_packed, offsets, lengths, k_new, v_new, out, 1 / math.sqrt(Dh), H, Nq, Nn,
-        *q.stride()[:3], k_packed.stride(0), *k_new.stride()[:3], *out.stride()[:3],
+        *q.stride()[:3], k_packed.stride(0), *k_new.stride()[:3], *v_new.stride()[:3], *out.stride()[:3],
         HEAD_DIM=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)), BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)  # fp32: exact products, no TF32 rounding
     return out
 
 
 def resolve_impl(name: str, device) -> str:
-    """--attention {auto,torch,triton} -> 'torch' or 'triton'. auto: the kernel when it can run
-    compiled (CUDA device and triton); asking for triton where it cannot run is a UserError."""
+    """--attention {auto,torch,triton} -> 'torch', 'triton' or 'checked'. auto: 'checked' (the kernel,
+    checked on its first call) where it can run compiled (CUDA and triton), else 'torch'; asking for
+    triton where it cannot run is a UserError."""
     device = torch.device(device)
     if name == "torch":
         return "torch"
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton is not None else "torch"
+        return "checked" if device.type == "cuda" and triton is not None else "torch"
     if name != "triton":
         raise UserError(f"--attention must be auto, torch or triton; got {name!r}")
     if triton is None:
@@ -194,11 +207,38 @@ def resolve_impl(name: str, device) -> str:
     return "triton"
 
 
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}  # max abs difference, fused vs torch
+CHECK = {}  # (device, dtype) -> the first call's check: path, max_abs_diff, tolerance (one per process)
+
+
+def checked_attention(*args, groups=None):
+    """impl 'checked', what auto picks on CUDA: the first call per (device, dtype) runs the fused kernel and
+    gather + SDPA on the same inputs. Within TOLERANCE[dtype] the kernel runs from then on; beyond it (or
+    not finite), one warning line and the PyTorch path. CHECK records the path and the largest difference."""
+    q = args[0]
+    key = (str(q.device), str(q.dtype).replace("torch.", ""))
+    if key not in CHECK:
+        ref = varlen_attention_grouped(*args, groups)
+        diff = (varlen_attention_triton(*args).float() - ref.float()).abs().max().item()
+        ok = diff <= TOLERANCE.get(q.dtype, 3e-2)  # False for NaN too
+        CHECK[key] = dict(path="triton" if ok else "torch", max_abs_diff=diff, tolerance=TOLERANCE.get(q.dtype, 3e-2))
+        if not ok:
+            print(f"warning: the fused kernel differs from gather + SDPA by {diff:.3g} on {key}: using gather + SDPA")
+        return ref
+    if CHECK[key]["path"] == "triton":
+        return varlen_attention_triton(*args)
+    return varlen_attention_grouped(*args, groups)
+
+
 def varlen_attention(q, k_packed, v_packed, offsets, lengths, k_new, v_new, impl="torch", groups=None):
     """The entry point for models: impl 'torch' (gather + SDPA per group; `groups` from `varlen_groups`,
-    precomputed) or 'triton' (fused kernel; offsets and lengths on q's device, int32)."""
+    precomputed), 'triton' (fused kernel; offsets and lengths on q's device, int32) or 'checked'
+    (`checked_attention`: the kernel, checked against 'torch' on its first call)."""
     if impl == "torch":
         return varlen_attention_grouped(q, k_packed, v_packed, offsets, lengths, k_new, v_new, groups)
+    if impl == "checked":
+        resolve_impl("triton", q.device)
+        return checked_attention(q, k_packed, v_packed, offsets, lengths, k_new, v_new, groups=groups)
     if impl == "triton":
         resolve_impl("triton", q.device)  # one clear error instead of a crash deep inside triton
         return varlen_attention_triton(q, k_packed, v_packed, offsets, lengths, k_new, v_new)

@@ -25,7 +25,7 @@ BATTERY = {
     "pretrain": [["--ema", "2"], ["--ema", "1"], ["--p-uncond", "1.5"], ["--size", "18"], ["--steps", "0"],
                  ["--model", "huge"], ["--dataset", "cifar"], ["--lr", "nan"]],
     "ram": [["--group", "1"], ["--rounds", "0"], ["--ram-lr", "-1"], ["--n-eval", "3"], ["--sweep", "maybe"]],
-    "forcing_kv": [["--recent", "100"], ["--chunks", "1"], ["--sizes", "16,x"], ["--sizes", "18"],
+    "forcing_kv": [["--chunks", "1"], ["--sizes", "16,x"], ["--sizes", "18"],
                    ["--threshold", "1.5"], ["--attention", "cuda"]],
     "lfm_stability": [["--clusters", "100000"], ["--steps", "0"]],
     "attention_sinks": [["--layer", "99"], ["--ks", "1,50"], ["--ks", "0"], ["--n-samples", "0"]],

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from common import stats
 from common.stats import bootstrap_ci, first_at_or_above, holm, levelled_off, rank_corr, sign_flip_p, trailing_mean
 
 
@@ -69,3 +70,13 @@ def test_rank_corr_against_a_direct_spearman():
     assert rank_corr(scores) == pytest.approx(sum(pairs) / len(pairs), abs=1e-9)
     assert rank_corr(torch.stack([base, base])) == pytest.approx(1.0)
     assert rank_corr(torch.stack([base, -base])) == pytest.approx(-1.0)
+
+
+def test_paired_ci_skips_undefined_pairs_and_brackets_the_mean():
+    a = torch.tensor([1.0, 2.0, float("nan"), 4.0, 5.0])
+    b = torch.tensor([0.0, 1.0, 1.0, float("nan"), 3.0])
+    r = stats.paired_ci(a, b, 500, seed=0)
+    assert r["n"] == 3 and r["mean"] == pytest.approx(4 / 3) and r["ci"][0] <= 4 / 3 <= r["ci"][1]
+    assert r["ci"] == stats.paired_ci(a, b, 500, seed=0)["ci"] and 1.0 <= r["ci"][0] and r["ci"][1] <= 2.0
+    one = stats.paired_ci(a[:1], b[:1], 500, seed=0)
+    assert one["n"] == 1 and all(math.isnan(x) for x in one["ci"])

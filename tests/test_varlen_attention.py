@@ -157,6 +157,61 @@ def test_kernel_fp16_close_to_fp32_reference():
     assert max_err(out, ref) <= 3e-3  # fp16 probabilities and output: ~2^-11 relative rounding
 
 
+# The CUDA default (--attention auto): the kernel, checked against gather + SDPA on its first call, at the
+# cpu preset's shapes: 16 px frames of 16 tokens, chunks of 3 frames (Nq = 48: BLOCK_M = 64, one block with
+# 16 masked rows), 4 heads of 24 (BLOCK_D = 32), caches of 2 and 3 frames. On a GPU it runs in bf16, which
+# Triton's interpreter cannot check (tl.dot on bf16 gives garbage there); fp16 is the nearest it can.
+
+
+def cpu_preset_case(B, dtype, seed=0):
+    lengths = torch.tensor([[32, 48, 32, 48]] * B)  # static heads: sink + 1 frame; dynamic: + 1 frame of buffer
+    return make_case(lengths.tolist(), Nq=48, Nn=48, Dh=24, seed=seed, dtype=dtype)
+
+
+def test_launch_grid_puts_the_pairs_in_dimension_0():
+    pytest.importorskip("triton")
+    assert va.launch_grid(B=64, H=12, Nq=48) == (64, (768, 1))
+    block_m, grid = va.launch_grid(B=2048, H=64, Nq=4680)  # 131,072 pairs: more than CUDA's 65,535 in dim 1
+    assert block_m == 64 and grid == (131072, 74) and grid[1] <= 65535
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, ATOL_FP32), (torch.float16, 3e-3)])
+def test_kernel_at_the_cpu_presets_shapes_block_m_64(dtype, atol):
+    args = cpu_preset_case(B=8, dtype=dtype)
+    assert va.launch_grid(8, 4, 48)[0] == 64
+    ref = va.varlen_attention_ref(*(x.float() if x.is_floating_point() else x for x in args))
+    out = va.varlen_attention_triton(*(x.to(KERNEL_DEVICE) for x in args))
+    assert out.dtype == dtype and max_err(out, ref) <= atol
+
+
+@needs_triton
+def test_checked_path_runs_the_kernel_when_it_agrees(monkeypatch):
+    monkeypatch.setattr(va, "CHECK", {})
+    args = [x.to(KERNEL_DEVICE) for x in cpu_preset_case(B=2, dtype=torch.float32, seed=1)]
+    ref = va.varlen_attention_ref(*args)
+    calls = []
+    kernel = va.varlen_attention_triton
+    monkeypatch.setattr(va, "varlen_attention_triton", lambda *a: calls.append(1) or kernel(*a))
+    for _ in range(3):
+        assert max_err(va.varlen_attention(*args, impl="checked"), ref) <= ATOL_FP32
+    (check,) = va.CHECK.values()
+    assert check["path"] == "triton" and check["max_abs_diff"] <= ATOL_FP32 and len(calls) == 3
+
+
+@needs_triton
+def test_checked_path_falls_back_with_one_warning_line_when_the_kernel_disagrees(monkeypatch, capsys):
+    monkeypatch.setattr(va, "CHECK", {})
+    args = [x.to(KERNEL_DEVICE) for x in cpu_preset_case(B=2, dtype=torch.float32, seed=2)]
+    ref = va.varlen_attention_ref(*args)
+    monkeypatch.setattr(va, "varlen_attention_triton", lambda *a: va.varlen_attention_grouped(*a) + 0.1)  # broken
+    for _ in range(3):
+        assert max_err(va.varlen_attention(*args, impl="checked"), ref) <= ATOL_FP32  # the PyTorch path's answer
+    (check,) = va.CHECK.values()
+    assert check["path"] == "torch" and check["max_abs_diff"] == pytest.approx(0.1, abs=1e-5)
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+
+
 # The interpreter never compiles the kernel, so a construct that only the compiler rejects would slip
 # through. This builds it for the H200 (sm_90, bf16, Dh = 24) down to a cubin, on the CPU, in a child
 # process with the interpreter off (this process has triton imported in interpreter mode).
@@ -200,10 +255,12 @@ def test_resolve_impl(monkeypatch):
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="needs a CUDA device"):  # the launcher checks too
         va.varlen_attention(*make_case([[2]]), impl="triton")
+    if va.triton is not None:
+        assert va.resolve_impl("auto", "cuda") == "checked"  # the kernel, checked on its first call
     monkeypatch.setattr(va, "triton", None)  # as if triton were not installed
     with pytest.raises(UserError, match="pip install triton"):
         va.resolve_impl("triton", "cpu")
-    assert va.resolve_impl("auto", "cuda") == "torch"
+    assert va.resolve_impl("auto", "cuda") == "torch"  # without triton: the PyTorch path
     with pytest.raises(ValueError):
         va.varlen_attention(*make_case([[2]]), impl="fast")
 
