@@ -22,12 +22,12 @@ Paper -> code
 Two selection protocols, both in the official scripts (k = the budget per head, H heads):
     per head  each head loses its own top-k keys (run_dynamic_sink.py: the GenEval alignment runs)
     union     the top k*H keys of the head-averaged mass, removed in every head and query row, against
-              k*H random keys shared by the heads (ablation_counterfactual_v3.py: the LPIPS DDelta table).
+              k*H random keys shared by the heads (the LPIPS DDelta table: run_perceptual_delta_delta.py
+              with the patcher of ablation_counterfactual_v3.py)
     Ours, not in the official runs: the per-head random control, the fixed-index control (k = 1: the BOS).
 
-Model. The base model's recipe (common.pretrain --patch 2, cached like it): 64 image tokens + 5 context
-    tokens = 69 keys per layer and 4 heads, so union k = 1 removes 4 keys (5.8%) and k = 5 removes 20
-    (29%); in SD3 they remove 24 and 120 of 4,429 keys (0.5%, 2.7%).
+Model. The base model's recipe (common.pretrain --patch 2, cached like it): 69 keys per layer (64 image
+    tokens, 5 context), 4 heads: union k = 1 removes 4 keys (5.8%), k = 5 20 (29%); in SD3 0.5% and 2.7%.
 
 Convention (common/flow.py): t = 0 data, t = 1 noise; sampling runs from t = 1 to t = 0, as in SD3.
     Keys are [BOS, 4 label tokens, image tokens], so our index 0 is the BOS; the official detection
