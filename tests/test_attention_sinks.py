@@ -328,7 +328,7 @@ def test_smoke_run_writes_every_key_and_repeats_itself(tmp_path):
         assert 0 < row["p_value"] <= row["p_holm"] <= 1 and 0 < row["align_p_value"] <= row["align_p_holm"] <= 1
     assert saved["holm_family_size"] == saved["sampling_runs"] - 1  # two tests per setting, two runs per setting
     assert len(saved["by_layer"]) == 2 and saved["multi_layer"]["layers"] == [0, 1]  # the smoke model: 2 layers
-    assert 0 <= saved["bos_overlap"] <= 1 and saved["sink_strength"] >= 1  # top-1 mass >= uniform
+    assert 0 <= saved["bos_overlap"] <= 1 and saved["all_layers"]["sink_strength"] >= 1  # top-1 mass >= uniform
     for c in saved["claims"]:
         assert set(c) == {"claim", "paper", "ours", "key", "criterion", "reproduced", "note"}
         assert lookup(saved, c["key"]) == c["ours"] and c["reproduced"] in (True, False, None)
