@@ -326,7 +326,11 @@ def test_smoke_run_writes_every_key_and_repeats_itself(tmp_path):
         for key in ("ddelta_ci", "align_delta_sink_ci", "align_ddelta_ci"):
             assert row[key][0] <= row[key.removesuffix("_ci")] <= row[key][1]
         assert 0 < row["p_value"] <= row["p_holm"] <= 1 and 0 < row["align_p_value"] <= row["align_p_holm"] <= 1
-    assert saved["holm_family_size"] == saved["sampling_runs"] - 1  # two tests per setting, two runs per setting
+    m = saved["holm_family_size"]
+    assert m == saved["sampling_runs"] - 1  # two tests per setting, two runs per setting
+    raw = [row[k] for row in entries for k in ("p_value", "align_p_value")]
+    adjusted = [row[k] for row in entries for k in ("p_holm", "align_p_holm")]
+    assert min(adjusted) == pytest.approx(min(1.0, m * min(raw)))  # Holm: the smallest p times the family size
     assert len(saved["by_layer"]) == 2 and saved["multi_layer"]["layers"] == [0, 1]  # the smoke model: 2 layers
     assert 0 <= saved["bos_overlap"] <= 1 and saved["all_layers"]["sink_strength"] >= 1  # top-1 mass >= uniform
     for c in saved["claims"]:
