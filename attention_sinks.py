@@ -373,11 +373,6 @@ def make_claims(res: dict) -> list:
 # %% figures: each drawn from the run's own numbers and tensors
 
 
-def token_names(n_ctx: int, side: int) -> list:
-    patches = [f"patch {r},{c}" for r in range(side) for c in range(side)]
-    return ["BOS", *(f"label {i}" for i in range(1, n_ctx)), *patches]
-
-
 def fig_method(out, probs0, n_ctx: int, image: torch.Tensor, where: str):
     """Sample 0's attention (probs0: (H, N, N)) at one layer and step: head 0's matrix, every head's incoming mass,
     and the keys each protocol removes at k = 1 (per head: each head's top key; union: the top H of the mean)."""
@@ -395,7 +390,7 @@ def fig_method(out, probs0, n_ctx: int, image: torch.Tensor, where: str):
                 title="head 0: attention of each query on each key\ntriangle: its top key; blue: the union set")
     fig.colorbar(im, ax=axes[0], fraction=0.046, label="attention probability (log scale)")
     for h in range(H):
-        axes[1].plot(range(N), mass[h], lw=1, color=f"C{h}", label=f"head {h}; triangle: its top key")
+        axes[1].plot(range(N), mass[h], lw=1, color=f"C{h}", label=f"head {h}")
         axes[1].plot([per_head[h]], [mass[h, per_head[h]]], "v", color=f"C{h}", ms=11, mec="k")
     axes[1].plot(range(N), mass.mean(0), "k-", lw=2, label="mean over the heads")
     axes[1].plot(union, mass.mean(0)[union], "s", ms=12, mfc="none", mec="deepskyblue", mew=2,
@@ -408,8 +403,8 @@ def fig_method(out, probs0, n_ctx: int, image: torch.Tensor, where: str):
     for j in (j for j in union if j >= n_ctx):
         r, c = divmod(j - n_ctx, side)
         axes[2].add_patch(plt.Rectangle((c * P - 0.5, r * P - 0.5), P, P, fill=False, ec="deepskyblue", lw=3))
-    ctx = [token_names(n_ctx, 0)[j] for j in union if j < n_ctx]
-    axes[2].set_title("the final image; blue: the union's patches" + f"\nalso removed: {', '.join(ctx)}" * bool(ctx))
+    ctx = [f"label {j}" if j else "BOS" for j in sorted(union) if j < n_ctx]
+    axes[2].set_title("final image; blue: union patches" + f"\nalso removed: {', '.join(ctx)}" * bool(ctx))
     axes[2].axis("off")
     fig.tight_layout()
     fig.savefig(out / "fig_method.png", dpi=110)
@@ -422,8 +417,8 @@ def fig_heatmap(out, M: torch.Tensor, layer: int, n_ctx: int, side: int):
     panels = [(M[:, layer, 0, h] * N, f"head {h}, one sample") for h in range(H)]
     panels += [(M[:, layer, :, h].mean(1) * N, f"head {h}, mean of samples") for h in range(H)]
     hi = max(p.max().item() for p, _ in panels)
-    names = token_names(n_ctx, side)
-    ticks = list(range(n_ctx)) + list(range(n_ctx, N, side))  # the context keys, and each row of patches
+    ticks = [0, n_ctx / 2] + list(range(n_ctx, N, side))  # the BOS, the label tokens, each row of patches
+    names = ["BOS", "label tokens"] + [f"image row {r}" for r in range(side)]
     fig, axes = plt.subplots(2, H, figsize=(3.2 * H + 1, 11), squeeze=False, sharey=True)
     for ax, (mass, title) in zip(axes.flat, panels):
         im = ax.imshow(mass.T.clamp_min(0.1).numpy(), aspect="auto", cmap="magma", norm=LogNorm(0.1, hi),
@@ -431,9 +426,10 @@ def fig_heatmap(out, M: torch.Tensor, layer: int, n_ctx: int, side: int):
         ax.plot(range(S), mass.argmax(-1).numpy(), "o", mfc="none", mec="cyan", ms=6, label="top-1 sink")
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("sampling step (noise -> image)", fontsize=10)
-        ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=9)
+        ax.set_yticks(ticks, names, fontsize=9)
     axes[0, 0].legend(fontsize=9, loc="lower right")
-    fig.colorbar(im, ax=axes, fraction=0.02, label="incoming mass x number of keys (1 = uniform), log scale")
+    fig.colorbar(im, ax=axes, fraction=0.02, ticks=[t for t in (0.1, 0.3, 1, 3, 10, 30) if t <= hi],
+                 format="%g", label="incoming mass x number of keys (1 = uniform), log scale")
     fig.suptitle(f"how much attention each key gets at layer {layer}: the sinks move", fontsize=13)
     fig.savefig(out / "fig_heatmap.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -515,6 +511,7 @@ def fig_shift_alignment(out, res: dict, layer: int):
              ("first_image_share", "the first patch"))
     bars(axes[1, 2], names[:-1], {w: [r[key] for r in res["by_layer"]] for key, w in kinds}, "share of top-1 sinks",
          "what the top-1 sink is")
+    axes[1, 2].set_ylim(0, 1.3)  # room for the legend above the bars
     for ax in axes.flat:
         ax.legend(fontsize=10)
         ax.title.set_fontsize(13)
