@@ -1,132 +1,119 @@
 """Attention Sinks in Diffusion Transformers: dynamic sinks, and what removing them does.
 Fangzheng Wu, Brian Summa (ICML 2026), arXiv 2605.09313. Official code: wfz666/ICML26-attention-sink.
+Long-form notes, the official code's protocols, the statistics and the deviations: docs/attention_sinks.md.
 
-Claim reproduced
-    In a DiT with SD3-style joint attention over [context ; image] tokens, a few keys receive a
-    disproportionate share of the image queries' attention (sinks). They are dynamic: the top-1
-    sink moves across samples and steps and is almost never the token at index 0 (< 0.2%).
-    Removing the sinks at one layer, at every step, leaves alignment unchanged (CLIP-T) yet moves
-    the image far more than removing as many random keys: LPIPS 0.347 vs 0.053 at k = 1 (6.5x),
-    0.436 vs 0.104 at k = 5.
+Claim. In a DiT with SD3-style joint attention over [text ; image] tokens, a few keys receive a
+disproportionate share of the image queries' attention (sinks). They are dynamic: the top-1 sink moves
+across samples and steps and is almost never the token at index 0 (< 0.2%). Removing the sinks at one
+layer, at every step, leaves alignment unchanged (CLIP-T) yet moves the image far more than removing as
+many random keys: LPIPS 0.347 vs 0.053 at k = 1 (6.5x), 0.436 vs 0.104 at k = 5 (4.2x).
 
 Paper -> code
-    incoming mass of key j (attention on j, averaged over image queries) ... `incoming_mass`
-    the sinks, recomputed at every call, and the equal-budget random control `choose_keys`
-    score path (logits - 1e4, re-softmax), value path (zero / mean), both ... `sink_attention`
-    the intervention at chosen layers, every step, through the hook .......... `SinkHook`
-    top-1 share of BOS / index 0, strength, token type, movement ............. `detection_stats`
-    seed-paired evaluation, paired bootstrap CI, sign-flip test, DDelta ..... `paired_effect`
-    Holm-Bonferroni over the family of reported tests ........................ `holm`
+    incoming mass of key j: attention on j, averaged over the image queries ...... `incoming_mass`
+    the sinks, recomputed at every call, and the equal-budget random control ...... `choose_keys`
+    score path (logits - 1e4, re-softmax), value path (zero / mean), both ......... `remove_keys`
+        its slow twin, one query row at a time, the removed keys dropped .......... `remove_keys_ref`
+    sinks found, then removed, inside one attention call ......................... `sink_attention`
+    the intervention at the chosen layers, at every sampling step ................ `SinkHook`
+    top-1 share of index 0, sink strength, token type, movement .................. `detection_stats`
+    seed-paired shift and alignment, DDelta = Delta_sink - Delta_random ........... `paired_effect`
+    bootstrap intervals, sign-flip tests, Holm-Bonferroni ........................ common/stats.py
 
-Two selection protocols, both in the official experiments (k = the budget per head):
-    per_head  each head's own top-k keys; random control: k keys per head. The GenEval alignment
-              runs (run_dynamic_sink.py: layer 12 of 24, k = 1 and 5, and layers 6/12/18).
-    union     the incoming mass averaged over heads; its top k*H keys are removed in every head;
-              random control: k*H keys shared by all heads (ablation_counterfactual_v3.py). This is
-              the protocol behind the LPIPS DDelta table, so it is the one set beside those numbers.
-    Both redraw the random keys at every attention call, and both remove the chosen keys for every
-    query row, image and context (`--query-rows all`). Only the official processor class leaves the
-    context queries alone (`--query-rows image`, reported once beside the default).
-    The value path's official runs replace a fixed index list (default [0], the prompt's first
-    token) rather than dynamic sinks: `selection="fixed"` removes the first k keys, so k = 1 is the BOS.
+Two selection protocols, both in the official scripts (k = the budget per head, H heads):
+    per head  each head loses its own top-k keys (run_dynamic_sink.py: the GenEval alignment runs)
+    union     the top k*H keys of the head-averaged mass, removed in every head and query row, against
+              k*H random keys shared by the heads (the LPIPS DDelta table: run_perceptual_delta_delta.py
+              with the patcher of ablation_counterfactual_v3.py)
+    Ours, not in the official runs: the per-head random control, the fixed-index control (k = 1: the BOS).
 
-Conventions (common/flow.py): t = 0 data, t = 1 noise; sampling runs from t = 1 to t = 0, so
-    "step 0" below is the noisiest step. The paper's SD3 uses the same direction; nothing to translate.
-    Keys are ordered [BOS, label tokens, image tokens] (common/dit.py), so index 0 is the BOS. The
-    official detection scripts concatenate [image ; text] keys, so their "index 0" (the < 0.2%) is the
-    first image token: we report both (`bos_overlap`, `first_image_token_overlap`), read, as the paper
-    reads them, at the layers depth * {1/4, 1/2, 3/4} (SD3: 6, 12, 18 of 24; here 1, 2, 3 of 4).
+Model. The base model's recipe (common.pretrain --patch 2, cached like it): 69 keys per layer (64 image
+    tokens, 5 context), 4 heads: union k = 1 removes 4 keys (5.8%), k = 5 20 (29%); in SD3 0.5% and 2.7%.
 
-Deviations from the paper. TinyDiT on 16 px coloured shapes (9 labels) instead of SD3 on GenEval
-    prompts; 21 keys per layer on the cpu preset (BOS, 4 label tokens, 16 image tokens) and 4 heads
-    instead of 4,429 keys and 24 heads, so one budget removes a far larger share of the keys here
-    (union k = 1: 4 of 21 keys, 19%; SD3: 24 of 4,429, 0.5%; stored as `keys_removed_share`).
-    Stand-ins (common/evaluator.py): evaluator accuracy and label log-probability for CLIP-T, the
-    paired evaluator-feature distance for LPIPS (pixel RMS distance reported beside it). No CFG
-    (cfg_scale 1): with CFG the hook would also edit the unconditional pass, and the guidance
-    difference would amplify the edit; the paper guides SD3 (so our setting is the cleaner one).
-    Sign-flip permutation tests instead of t-tests; Holm adjusts their p-values, the CIs are plain 95%.
+Convention (common/flow.py): t = 0 data, t = 1 noise; sampling runs from t = 1 to t = 0, as in SD3.
+    Keys are [BOS, 4 label tokens, image tokens], so our index 0 is the BOS; the official detection
+    scripts order the keys [image ; text], so their index 0 is the first image token: we report both.
+    Sampling: 20 Euler steps, as the official runs; no CFG (the docs page says why).
 
 Run
-    python attention_sinks.py                  # cpu preset, 95 s measured on 2 CPU cores (base model cached)
-    python attention_sinks.py --preset gpu     # TinyDiT-m, patch 2, 69 keys (not measured yet)
+    python attention_sinks.py                  # cpu preset: 284 s with its model cached (training it: 477 s, once)
     python attention_sinks.py --preset smoke   # seconds, what the tests run
+    python attention_sinks.py --preset gpu     # 1,024 pairs, k up to 10 (not measured yet)
 """
 
 # %% imports
 import dataclasses
-import inspect
+import math
 import time
 import zlib
 
 import numpy as np
 import torch
+from matplotlib.colors import LogNorm
 from tqdm import tqdm
 
 from common import config, pretrain
 from common.config import BaseConfig, UserError, cli, field, int_list, print_table, resolve_device, run_dir, save_json
-from common.dit import SIZES, TinyDiT, attention_hook, attention_ref, patchify
+from common.dit import SIZES, attention_hook, attention_ref
 from common.evaluator import get_evaluator, paired_distance
-from common.plot import plt, save_image_panels
+from common.plot import grid, plt
 from common.sampler import sample_labels
+from common.stats import bootstrap_ci, holm, sign_flip_p
 
 # %% config and presets
 
 
 @dataclasses.dataclass
 class Config(BaseConfig):
-    n_samples: int = field(256, "seed-paired (noise, label) pairs shared with the baseline; 256 keeps the "
-                                "accuracy CIs near +-0.03 and the cpu run to a few minutes")
-    sample_steps: int = field(32, "Euler steps (as common.pretrain samples); the hook acts at every one")
-    cfg_scale: float = field(1.0, "guidance scale; 1 = no CFG, so each step is one conditional forward and the "
-                                  "intervention is not amplified by the guidance difference")
-    ks: str = field("1,2,5", "budgets k per head (the paper's table: 1 and 5); union removes k*H keys, so "
-                             "k*H must stay below the keys per layer (21 on cpu, 4 heads: k <= 5)")
+    n_samples: int = field(256, "seed-paired (noise, label) pairs; 256 keeps the accuracy intervals near +-0.03")
+    sample_steps: int = field(20, "Euler steps, 20 as in the official runs; the hook acts at every one")
+    patch: int = field(2, "patch size of the model: 2 gives 64 image tokens at 16 px (69 keys)", choices=(1, 2, 4))
+    ks: str = field("1,2,5", "budgets k per head (the paper's: 1 and 5); union removes k*H keys from every head")
     selection: str = field("per_head", "protocol of the path, per-layer and multi-layer runs (the k table runs "
                                        "both): per_head (each head's top-k) or union (top k*H of the "
                                        "head-averaged mass, in every head)", choices=("per_head", "union"))
-    query_rows: str = field("all", "query rows that lose the sinks: all (the official experiments) or image "
-                                   "(the official processor class); the other is reported once beside",
-                            choices=("all", "image"))
+    query_rows: str = field("all", "query rows that lose the keys: all (the official experiments) or image (the "
+                                   "official processor class); the other is run once beside", choices=("all", "image"))
     layer: int = field(-1, "intervention layer (0-based); -1 = the middle one, depth // 2", min=-1)
-    mask_value: float = field(1e4, "the score path subtracts this from the sinks' logits (the paper's 1e4)")
-    n_boot: int = field(2000, "paired bootstrap resamples for the 95 percent CIs")
-    n_perm: int = field(10000, "sign flips per paired permutation test; the smallest p is 1 / (n_perm + 1), "
-                               "small enough to survive Holm over about 40 tests")
-    n_show: int = field(8, "seeds shown in the triplet figure")
+    mask_value: float = field(1e4, "the score path subtracts this from the removed keys' logits (the paper's 1e4)")
+    n_boot: int = field(2000, "paired bootstrap resamples for the 95 percent intervals")
+    n_perm: int = field(10000, "sign flips per paired test; the smallest p, 1 / (n_perm + 1), survives Holm over 40")
 
     def validate(self):
         ks = int_list(self.ks, "--ks")
-        depth, heads, n_keys = base_shape(self.preset)  # from the presets: no training needed to check
+        depth, heads, n_keys = model_shape(self)  # from the presets: no training needed to check
         if self.layer >= depth:
-            raise UserError(f"--layer {self.layer}: the {self.preset} base model has {depth} layers (0..{depth - 1})")
+            raise UserError(f"--layer {self.layer}: the model has {depth} layers (0..{depth - 1})")
         if max(ks) * heads >= n_keys:
             raise UserError(f"--ks {self.ks}: the union protocol removes k*H = {max(ks)}*{heads} keys per layer, but "
-                            f"the {self.preset} base model has {n_keys}; every k must be <= {(n_keys - 1) // heads}")
+                            f"the model has {n_keys}; every k must be <= {(n_keys - 1) // heads}")
 
 
-# The base model is the shared one (common/pretrain.py) trained with the preset of the same name.
 PRESETS = {
-    "smoke": dict(n_samples=18, sample_steps=4, ks="1,2", n_boot=200, n_perm=200, n_show=4),
+    "smoke": dict(n_samples=18, sample_steps=4, ks="1,2", n_boot=200, n_perm=200),
     "cpu": dict(),
-    "gpu": dict(n_samples=1024, ks="1,2,5,10,16"),  # 69 keys, 4 heads: union k <= 17
+    "gpu": dict(n_samples=1024, ks="1,2,5,10"),
 }
 PATHS = ("score", "value_zero", "value_mean", "both")  # "both": the score path and zeroed values
 SELECTIONS = ("per_head", "union", "fixed")
-# SD3-medium: 24 heads, 4,096 image + 333 text keys. The LPIPS table: union protocol, layer 12, 64 prompts.
-SD3_KEYS, SD3_HEADS = 4429, 24
-PAPER = dict(lpips_sink_k1=0.347, lpips_random_k1=0.053, ratio_k1=round(0.347 / 0.053, 2), ddelta_k1=0.295,
-             ddelta_ci_k1=[0.265, 0.323], lpips_sink_k5=0.436, lpips_random_k5=0.104, ratio_k5=round(0.436 / 0.104, 2),
-             ddelta_k5=0.332, ddelta_ci_k5=[0.308, 0.358], index0_overlap_below=0.002,
-             keys_removed_share_union_k1=SD3_HEADS / SD3_KEYS, keys_removed_share_union_k5=5 * SD3_HEADS / SD3_KEYS,
-             keys_removed_share_per_head_k1=1 / SD3_KEYS)
+SD3_KEYS, SD3_HEADS = 4429, 24  # SD3-medium: 4,096 image + 333 text keys, 24 heads
+PAPER = dict(ratio_k1=round(0.347 / 0.053, 2), ratio_k5=round(0.436 / 0.104, 2), index0_below=0.002,
+             key_share_removed_union=dict(zip("15", (SD3_HEADS / SD3_KEYS, 5 * SD3_HEADS / SD3_KEYS))))
 
 
-def base_shape(preset: str) -> tuple[int, int, int]:
-    """(depth, heads H, keys per layer Nk) of the preset's base model, read from the presets alone."""
-    b = pretrain.Config(**pretrain.PRESETS[preset])
-    n_ctx = 1 + inspect.signature(TinyDiT).parameters["label_tokens"].default  # BOS + label tokens
-    return SIZES[b.model]["depth"], SIZES[b.model]["heads"], n_ctx + (b.size // b.patch) ** 2
+def model_config(cfg) -> pretrain.Config:
+    """The base model's recipe for this preset with our patch size; cached by common.pretrain like the base model."""
+    return pretrain.Config(**{**pretrain.PRESETS[cfg.preset], "patch": cfg.patch}, device=cfg.device)
+
+
+def model_shape(cfg) -> tuple[int, int, int]:
+    """(depth, heads H, keys per layer Nk) of the model, read from the recipe alone (5 context keys)."""
+    m = model_config(cfg)
+    return SIZES[m.model]["depth"], SIZES[m.model]["heads"], 5 + (m.size // m.patch) ** 2
+
+
+def key_share(k: int, selection: str, H: int, n_keys: int) -> float:
+    """The share of a head's keys a budget removes: k*H keys in every head for union, k per head otherwise."""
+    return k * (H if selection == "union" else 1) / n_keys
 
 
 def measured_layers(depth: int) -> list:
@@ -134,205 +121,183 @@ def measured_layers(depth: int) -> list:
     return sorted({depth * i // 4 for i in (1, 2, 3)})
 
 
-# %% method: incoming mass, sink choice, the intervened attention
+# %% method: incoming mass, the keys to remove, attention without them
 
 
 def incoming_mass(probs: torch.Tensor, n_ctx: int) -> torch.Tensor:
-    """probs (B, H, Nq, Nk) -> (B, H, Nk): how much attention each key gets from the image
-    queries (rows n_ctx..), averaged over them. Sums to 1 over keys."""
+    """probs (B, H, Nq, Nk) -> (B, H, Nk): the attention each key gets from the image queries (rows n_ctx..),
+    averaged over them. Sums to 1 over the keys."""
     return probs[:, :, n_ctx:].mean(2)
 
 
 def choose_keys(mass: torch.Tensor, k: int, control: str = "sink", selection: str = "per_head",
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Boolean (B, H, Nk) selection of the keys to remove, from the incoming mass (B, H, Nk).
+    """Boolean (B, H, Nk): the keys to remove, from the incoming mass (B, H, Nk).
 
-    per_head: each head's own top-k.  union: the top k*H keys of the head-averaged mass, the same in
-    every head.  fixed: the first k keys in every head (k = 1: the BOS).
-    control "random": as many keys drawn uniformly without replacement, anew at every call from
-    `generator` (an equal-budget control that cannot track the sinks): per head for per_head, shared
-    by all heads for union and fixed, as the official experiments draw them."""
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    selection says how many keys and whose ranking: per_head: k keys, each head's own; union: k*H keys of the
+    head-averaged mass, the same in every head; fixed: the first k keys (k = 1: the BOS), in every head.
+    control says which: sink: the top of that ranking; random: as many keys drawn uniformly without
+    replacement from `generator`, anew at every call (per head for per_head, shared by the heads otherwise)."""
     B, H, N = mass.shape
-    shared = selection != "per_head"
-    n = k * H if selection == "union" else k  # keys removed per sample (and per head for per_head)
-    score = mass.mean(1, keepdim=True) if shared else mass  # (B, 1 or H, Nk)
-    if control == "random":
-        idx = torch.rand(score.shape, generator=generator).argsort(-1)[..., :n].to(mass.device)  # uniform n-subset
-    elif control != "sink":
-        raise ValueError(f"control must be 'sink' or 'random', got {control!r}")
+    if selection == "per_head":
+        score, n = mass, k  # (B, H, Nk): one ranking per head
+    elif selection == "union":
+        score, n = mass.mean(1, keepdim=True), k * H  # (B, 1, Nk): one ranking for every head
     elif selection == "fixed":
-        idx = torch.arange(n, device=mass.device).expand(B, 1, n)
+        score, n = -torch.arange(N, dtype=mass.dtype, device=mass.device).expand(B, 1, N), k  # index 0 ranks first
     else:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if control == "sink":
         idx = score.topk(n, dim=-1).indices
-    sel = torch.zeros(score.shape, dtype=torch.bool, device=mass.device).scatter_(-1, idx, True)
-    return sel.expand(B, H, N)
+    elif control == "random":
+        idx = torch.rand(score.shape, generator=generator).argsort(-1)[..., :n].to(mass.device)  # a uniform n-subset
+    else:
+        raise ValueError(f"control must be 'sink' or 'random', got {control!r}")
+    return torch.zeros(score.shape, dtype=torch.bool, device=mass.device).scatter_(-1, idx, True).expand(B, H, N)
+
+
+def remove_keys(q, k, v, sel: torch.Tensor, path: str = "score", first_row: int = 0, mask_value: float = 1e4):
+    """Attention with the keys sel (B, H, Nk) removed; q, k, v: (B, H, N, Dh).
+    score: their logits lowered by mask_value for the query rows first_row.. (0: every row; n_ctx: the image
+    rows), then the softmax; value_zero / value_mean: their values replaced by zero / the mean value, for
+    every query; both: the two together. -> (out (B, H, N, Dh), probs (B, H, N, N)).
+    With nothing selected every edit adds -0.0 or replaces nothing: bit-equal to attention_ref (tested)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    mask, v_used = None, v
+    if path in ("score", "both"):
+        rows = torch.arange(q.shape[2], device=q.device) >= first_row  # (Nq,) the query rows edited
+        mask = -(mask_value * (sel[:, :, None, :] & rows[:, None]).to(q.dtype))  # (B, H, Nq, Nk), additive
+    if path != "score":
+        repl = v.mean(2, keepdim=True) if path == "value_mean" else torch.zeros_like(v)  # (B, H, 1 or N, Dh)
+        v_used = torch.where(sel[..., None], repl.expand_as(v), v)
+    return attention_ref(q, k, v_used, mask, return_probs=True)
+
+
+def remove_keys_ref(q, k, v, sel: torch.Tensor, path: str = "score", first_row: int = 0) -> torch.Tensor:
+    """The slow twin of `remove_keys`: per sample, head and query row, a softmax over the keys that row still
+    sees (the score path drops the removed keys outright), reading values replaced key by key."""
+    B, H, N, Dh = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            values = v[b, h].clone()  # (N, Dh): each key's value, replaced on the value paths
+            if path != "score":
+                values[sel[b, h]] = v[b, h].mean(0) if path == "value_mean" else 0
+            for i in range(N):
+                dropped = sel[b, h] if path in ("score", "both") and i >= first_row else torch.zeros_like(sel[b, h])
+                w = (k[b, h, ~dropped] @ q[b, h, i] / math.sqrt(Dh)).softmax(0)
+                out[b, h, i] = w @ values[~dropped]
+    return out
 
 
 def sink_attention(q, k, v, n_ctx: int, n_keys: int, path: str = "score", control: str = "sink", *,
                    selection: str = "per_head", rows: str = "all", mask_value: float = 1e4, generator=None):
-    """Attention with k = n_keys sinks per head (or random keys) removed. q, k, v: (B, H, N, Dh).
-    rows: the query rows whose logits lose the chosen keys, "all" or "image" (rows n_ctx..).
-    Returns (out (B, H, N, Dh), probs after the edit (B, H, N, N), selection (B, H, N), mass before).
-    Built on attention_ref: with n_keys = 0 every edit adds -0.0 or selects nothing, so the output is
-    bit-equal to attention_ref's (tested)."""
+    """One attention call with its sinks (or as many random keys) removed: find, choose, remove.
+    -> (out (B, H, N, Dh), probs after the edit (B, H, N, N), the keys removed (B, H, Nk), mass before)."""
+    if rows not in ("all", "image"):
+        raise ValueError(f"rows must be 'all' or 'image', got {rows!r}")
     _, probs = attention_ref(q, k, v, return_probs=True)
-    mass = incoming_mass(probs, n_ctx)  # the sinks of *this* call: recomputed every step
-    sel = choose_keys(mass, n_keys, control, selection, generator)  # (B, H, Nk)
-    mask, v_used = None, v
-    if path in ("score", "both"):
-        if rows not in ("all", "image"):
-            raise ValueError(f"rows must be 'all' or 'image', got {rows!r}")
-        hit = torch.arange(q.shape[2], device=q.device) >= (n_ctx if rows == "image" else 0)  # (Nq,) rows edited
-        mask = -(mask_value * (sel[:, :, None, :] & hit[:, None]).to(q.dtype))  # (B, H, Nq, Nk), additive
-    if path in ("value_zero", "value_mean", "both"):
-        repl = v.mean(2, keepdim=True) if path == "value_mean" else torch.zeros_like(v)  # (B, H, 1 or N, Dh)
-        v_used = torch.where(sel[..., None], repl.expand_as(v), v)  # a key's value, read by every query
-    elif path != "score":
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    out, probs = attention_ref(q, k, v_used, mask, return_probs=True)  # re-softmax with the sinks' logits lowered
+    mass = incoming_mass(probs, n_ctx)  # the sinks of *this* call: recomputed at every step
+    sel = choose_keys(mass, n_keys, control, selection, generator)
+    out, probs = remove_keys(q, k, v, sel, path, n_ctx if rows == "image" else 0, mask_value)
     return out, probs, sel, mass
 
 
-class SinkHook:
-    """The attention hook (common/dit.py): `sink_attention` at the chosen layers, plain attention
-    elsewhere; `record=True` keeps the incoming mass of every call (for detection)."""
+@dataclasses.dataclass(frozen=True)
+class Removal:
+    """One intervention of the experiment: k keys per head chosen by `selection`, removed by `path` from the
+    query `rows`, at `layers`, at every sampling step."""
+    layers: tuple = ()
+    k: int = 0
+    path: str = "score"
+    selection: str = "per_head"
+    rows: str = "all"
 
-    def __init__(self, n_ctx: int, layers=(), n_keys: int = 0, path: str = "score", control: str = "sink",
-                 selection: str = "per_head", rows: str = "all", mask_value: float = 1e4, seed: int = 0,
-                 record: bool = False):
-        self.n_ctx, self.layers, self.n_keys, self.path, self.control = n_ctx, set(layers), n_keys, path, control
-        self.edit = dict(selection=selection, rows=rows, mask_value=mask_value)
-        self.record, self.masses = record, []
+
+class SinkHook:
+    """The attention hook (common/dit.py): `sink_attention` at the removal's layers, plain attention elsewhere.
+    record=True keeps every call's incoming mass and sample 0's attention matrix (for detection, figures)."""
+
+    def __init__(self, n_ctx: int, removal: Removal = Removal(), control: str = "sink", mask_value: float = 1e4,
+                 seed: int = 0, record: bool = False):
+        self.n_ctx, self.removal, self.control, self.mask_value = n_ctx, removal, control, mask_value
+        self.record, self.masses, self.probs0 = record, [], []
         self.generator = torch.Generator().manual_seed(seed)  # advances at every call: a fresh draw per step
 
     def __call__(self, q, k, v, layer: int):
-        if layer not in self.layers and not self.record:
+        r = self.removal
+        if layer in r.layers:
+            out, probs, _, mass = sink_attention(q, k, v, self.n_ctx, r.k, r.path, self.control, selection=r.selection,
+                                                 rows=r.rows, mask_value=self.mask_value, generator=self.generator)
+        elif self.record:
+            out, probs = attention_ref(q, k, v, return_probs=True)
+            mass = incoming_mass(probs, self.n_ctx)
+        else:
             return attention_ref(q, k, v)
-        n = self.n_keys if layer in self.layers else 0
-        out, _, _, mass = sink_attention(q, k, v, self.n_ctx, n, self.path, self.control, generator=self.generator,
-                                         **self.edit)
         if self.record:
-            self.masses.append(mass.float().cpu())
+            self.masses.append(mass.cpu())  # (B, H, Nk)
+            self.probs0.append(probs[0].cpu())  # (H, N, N)
         return out
 
 
-# %% statistics: seed-paired, bootstrap, sign-flip, Holm
-
-
-def bootstrap_ci(d: torch.Tensor, n_boot: int, seed: int, level: float = 0.95) -> list:
-    """Percentile CI of the mean of paired differences d (n,), resampling pairs with replacement."""
-    g = torch.Generator().manual_seed(seed)
-    means = d.double()[torch.randint(0, len(d), (n_boot, len(d)), generator=g)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
-    return [float(lo), float(hi)]
-
-
-def sign_flip_p(d: torch.Tensor, n_perm: int, seed: int) -> float:
-    """Two-sided paired permutation test of mean(d) = 0: under H0 each pair's sign is a coin flip."""
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n_perm, len(d)), generator=g).double() * 2 - 1
-    null = (signs * d.double()).mean(1).abs()
-    return float((1 + (null >= d.double().mean().abs() - 1e-12).sum()) / (n_perm + 1))
-
-
-def holm(p: list) -> list:
-    """Holm-Bonferroni adjusted p-values for a family of m tests: the i-th smallest p (i = 0..m-1) is
-    multiplied by m - i, then made non-decreasing in that order and capped at 1. Rejecting where the
-    adjusted p < alpha keeps the family-wise error rate at alpha."""
-    m, adj, running = len(p), [0.0] * len(p), 0.0
-    for i, j in enumerate(sorted(range(m), key=lambda j: p[j])):
-        running = max(running, min(1.0, (m - i) * p[j]))
-        adj[j] = running
-    return adj
+# %% experiment: seed-paired measurements
 
 
 def measures(evaluator, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """What the evaluator says about each sample: features (LPIPS stand-in), correct, log p(y|x)."""
-    logits = evaluator.logits(x)
-    return dict(x=x, feat=evaluator.features(x), correct=(logits.argmax(1) == y).float(),
-                logp=logits.log_softmax(1).gather(1, y[:, None]).squeeze(1))
+    """What the evaluator says about each sample: its features (for the LPIPS stand-in), and whether it is right."""
+    return dict(x=x, feat=evaluator.features(x), correct=(evaluator.logits(x).argmax(1) == y).float())
 
 
 def paired_effect(base: dict, sink: dict, rand: dict, cfg) -> dict:
-    """Shift and alignment change of a sink run and its random control, each paired with the
-    baseline by seed (same noise, same label), and DDelta = shift(sink) - shift(random) per pair.
-    Two tests per setting: DDelta = 0 (p_value) and no accuracy change (align_p_value)."""
+    """A sink run and its random control, each paired with the baseline seed by seed (same noise and label).
+    shift: evaluator-feature distance to the baseline (LPIPS stand-in); DDelta = shift(sink) - shift(random) per
+    pair. align: accuracy change (CLIP-T stand-in), against the baseline (align_delta_*) and sink - random
+    (align_ddelta). Two tests per setting, sign-flip: DDelta = 0 (p_value), no accuracy change (align_p_value)."""
     shift_s, shift_r = paired_distance(base["feat"], sink["feat"]), paired_distance(base["feat"], rand["feat"])
     l2_s, l2_r = [(m["x"] - base["x"]).flatten(1).pow(2).mean(1).sqrt() for m in (sink, rand)]  # pixel RMS
-    dd = shift_s - shift_r  # (n,) one DDelta per seed
+    dd = shift_s - shift_r  # (n,) one DDelta per pair
     acc_s, acc_r = sink["correct"] - base["correct"], rand["correct"] - base["correct"]
-    lp_s, lp_r = sink["logp"] - base["logp"], rand["logp"] - base["logp"]
-    ratio = shift_s.mean() / shift_r.mean() if shift_r.mean() > 0 else float("nan")
+    ci = lambda d: bootstrap_ci(d, cfg.n_boot, cfg.seed)  # noqa: E731
     return dict(shift_sink=shift_s.mean().item(), shift_random=shift_r.mean().item(),
-                shift_ratio=float(ratio) if np.isfinite(float(ratio)) else None,
-                ddelta=dd.mean().item(), ddelta_ci=bootstrap_ci(dd, cfg.n_boot, cfg.seed),
-                p_value=sign_flip_p(dd, cfg.n_perm, cfg.seed),
-                align_delta_sink=acc_s.mean().item(), align_delta_sink_ci=bootstrap_ci(acc_s, cfg.n_boot, cfg.seed),
-                align_p_value=sign_flip_p(acc_s, cfg.n_perm, cfg.seed),
-                align_delta_random=acc_r.mean().item(),
-                logprob_delta_sink=lp_s.mean().item(), logprob_delta_sink_ci=bootstrap_ci(lp_s, cfg.n_boot, cfg.seed),
-                logprob_delta_random=lp_r.mean().item(),
-                shift_sink_l2=l2_s.mean().item(), shift_random_l2=l2_r.mean().item(),
-                ddelta_l2_ci=bootstrap_ci(l2_s - l2_r, cfg.n_boot, cfg.seed))
-
-# %% detection
+                shift_ratio=(shift_s.mean() / shift_r.mean()).item() if shift_r.mean() > 0 else None,
+                ddelta=dd.mean().item(), ddelta_ci=ci(dd), p_value=sign_flip_p(dd, cfg.n_perm, cfg.seed),
+                align_delta_sink=acc_s.mean().item(), align_delta_sink_ci=ci(acc_s),
+                align_p_value=sign_flip_p(acc_s, cfg.n_perm, cfg.seed), align_delta_random=acc_r.mean().item(),
+                align_ddelta=(acc_s - acc_r).mean().item(), align_ddelta_ci=ci(acc_s - acc_r),
+                shift_sink_l2=l2_s.mean().item(), shift_random_l2=l2_r.mean().item(), ddelta_l2_ci=ci(l2_s - l2_r))
 
 
-def on_shape_share(top1: torch.Tensor, n_ctx: int, on_shape: torch.Tensor) -> float | None:
-    """Share of image-token top-1 sinks whose patch shows the shape in the final image.
-    top1: (..., B, H) key indices; on_shape: (B, N_img) bool. None if no image token is a sink."""
-    img = top1 >= n_ctx
-    if not img.any():
-        return None
-    b = torch.arange(top1.shape[-2])[:, None].expand_as(top1)  # the sample index of each entry
-    return on_shape[b[img], top1[img] - n_ctx].float().mean().item()
-
-
-def detection_stats(M: torch.Tensor, n_ctx: int, on_shape: torch.Tensor | None = None, layers=None) -> dict:
-    """M: incoming mass (S steps, L layers, B samples, H heads, Nk keys) from the baseline run;
-    on_shape: (B, N_img) bool, which patches of each final baseline image show the shape;
-    layers: where the headline overlaps are read (default: measured_layers(L))."""
+def detection_stats(M: torch.Tensor, n_ctx: int, layers=None) -> dict:
+    """M: the baseline's incoming mass (S steps, L layers, B samples, H heads, Nk keys); layers: where the headline
+    overlaps are read (default: the paper's layers, scaled)."""
     S, L, B, H, N = M.shape
     layers = measured_layers(L) if layers is None else list(layers)
-    on_shape = torch.zeros(B, N - n_ctx, dtype=torch.bool) if on_shape is None else on_shape
     top1_mass, top1 = M.max(-1)  # (S, L, B, H)
     onehot = torch.nn.functional.one_hot(top1, N)  # (S, L, B, H, Nk)
-    by_layer = [dict(sink_strength=(top1_mass[:, i] * N).mean().item(),
-                     bos_share=(top1[:, i] == 0).float().mean().item(),
-                     first_image_share=(top1[:, i] == n_ctx).float().mean().item(),
-                     label_share=((top1[:, i] >= 1) & (top1[:, i] < n_ctx)).float().mean().item(),
-                     image_share=(top1[:, i] >= n_ctx).float().mean().item(),
-                     image_sink_on_shape=on_shape_share(top1[:, i], n_ctx, on_shape)) for i in range(L)]
+    share = lambda hit: hit.float().mean().item()  # noqa: E731
+
+    def kinds(t, m):  # what the top-1 sinks t (..., B, H) are; m: their mass
+        return dict(sink_strength=(m * N).mean().item(), bos_share=share(t == 0), first_image_share=share(t == n_ctx),
+                    label_share=share((t >= 1) & (t < n_ctx)), image_share=share(t >= n_ctx))
+
     return dict(
-        measured_layers=layers,
-        # top-1 is the BOS / the first image token (the official "index 0"), over (step, sample, head)
-        bos_overlap=(top1[:, layers] == 0).float().mean().item(),
-        first_image_token_overlap=(top1[:, layers] == n_ctx).float().mean().item(),
-        bos_overlap_all_layers=(top1 == 0).float().mean().item(),
-        # where image-token sinks sit: on the shape or on the background, against the chance level
-        image_sink_on_shape=on_shape_share(top1, n_ctx, on_shape),
-        patches_on_shape=on_shape.float().mean().item(),
-        sink_strength=(top1_mass * N).mean().item(),  # times the uniform mass 1 / Nk
-        top1_label_share=((top1 >= 1) & (top1 < n_ctx)).float().mean().item(),
-        top1_image_share=(top1 >= n_ctx).float().mean().item(),
-        # movement: how often the top-1 changes between consecutive steps, how many positions
-        # one trajectory visits, and how many positions the samples use at one (step, layer, head)
-        top1_switch_rate=(top1[1:] != top1[:-1]).float().mean().item() if S > 1 else 0.0,
+        measured_layers=layers,  # the top-1 is the BOS / the first image token (the official index 0)
+        bos_overlap=share(top1[:, layers] == 0), first_image_token_overlap=share(top1[:, layers] == n_ctx),
+        all_layers=kinds(top1, top1_mass),
+        # movement: how often the top-1 changes from one step to the next, how many positions one trajectory
+        # visits, and how many positions the samples use at one (step, layer, head)
+        top1_switch_rate=share(top1[1:] != top1[:-1]) if S > 1 else 0.0,
         top1_positions_per_trajectory=onehot.amax(0).sum(-1).float().mean().item(),
         top1_positions_across_samples=onehot.amax(2).sum(-1).float().mean().item(),
-        detection_by_layer=by_layer)
-
-
-# %% experiment
+        detection_by_layer=[kinds(top1[:, i], top1_mass[:, i]) for i in range(L)])
 
 
 def sample_with(model, cfg, y: torch.Tensor, hook) -> torch.Tensor:
-    """Samples for labels y with the hook on every attention call; the noise comes from cfg.seed,
-    so every run is paired with the baseline seed by seed."""
+    """Samples for labels y with the hook on every attention call; the noise comes from cfg.seed, so every run is
+    paired with the baseline seed by seed."""
     with attention_hook(model, hook):
-        return sample_labels(model, y, cfg.sample_steps, cfg.cfg_scale, seed=cfg.seed + 1, batch=len(y))
+        return sample_labels(model, y, cfg.sample_steps, 1.0, seed=cfg.seed + 1, batch=len(y))  # no CFG
 
 
 def seed_of(cfg, *tags) -> int:
@@ -340,127 +305,220 @@ def seed_of(cfg, *tags) -> int:
     return cfg.seed * 1_000_003 + zlib.crc32(repr(tags).encode())
 
 
+def design(cfg, ks: list, layer: int, depth: int) -> dict:
+    """The experiment as named groups of Removals; `run` measures each distinct one once (sinks and random keys)
+    and puts its effect in its place."""
+    at, sel, rows = (layer,), cfg.selection, cfg.query_rows
+    paths = PATHS if rows == "image" else PATHS[:3]  # with every row masked, "both" equals the score path (tested)
+    return dict(
+        by_selection={s: dict(by_k={str(k): Removal(at, k, "score", s, rows) for k in ks}) for s in SELECTIONS[:2]},
+        by_path={p: {str(k): Removal(at, k, p, sel, rows) for k in ks} for p in paths},
+        fixed_bos={p: Removal(at, 1, p, "fixed", rows) for p in PATHS[1:3]},  # the official value runs: index 0
+        other_rows=Removal(at, 1, "score", sel, "image" if rows == "all" else "all"),
+        by_layer=[Removal((i,), 1, "score", sel, rows) for i in range(depth)],
+        multi_layer=Removal(tuple(measured_layers(depth)), 1, "score", sel, rows))  # the paper's layers 6, 12, 18
+
+
+def leaves(tree) -> list:
+    """Every Removal in a design, in order (with repeats)."""
+    return [tree] if isinstance(tree, Removal) else [r for v in (tree.values() if isinstance(tree, dict) else tree)
+                                                     for r in leaves(v)]
+
+
+def replace(tree, f):
+    """The design with each Removal r replaced by f(r)."""
+    if isinstance(tree, Removal):
+        return f(tree)
+    return {k: replace(v, f) for k, v in tree.items()} if isinstance(tree, dict) else [replace(v, f) for v in tree]
+
+
 def make_claims(res: dict) -> list:
     """One entry per headline claim the run tests; `reproduced` is computed from the criterion."""
-    claims = []
-
-    def add(*args):  # ok None: the toy cannot test it (the note says why)
-        claims.append(config.claim_entry(res, *args))
-
+    claims, add = [], lambda *a: claims.append(config.claim_entry(res, *a))
+    union = res["by_selection"]["union"]["by_k"]
     for k, paper in (("1", "LPIPS 0.347 vs 0.053 (6.5x); DDelta +0.295 [0.265, 0.323]"),
                      ("5", "LPIPS 0.436 vs 0.104 (4.2x); DDelta +0.332 [0.308, 0.358]")):
-        e = res["by_selection"]["union"]["by_k"].get(k)
-        if e is None:
+        if (e := union.get(k)) is None:
             continue
         ok = e["shift_ratio"] is not None and e["shift_ratio"] >= 3 and e["ddelta"] > 0 and e["p_holm"] < 0.05
-        if e["keys_removed_share"] > 0.5:  # sink and random sets then share most keys: no test of the claim
-            ok = None
-        add(f"removing the sinks (union protocol, k = {k}) shifts the image several times more than as many "
-            "random keys", paper, f"by_selection.union.by_k.{k}.shift_ratio",
-            "shift ratio >= 3 and DDelta > 0 with Holm-adjusted p < 0.05 (testable while the budget removes at "
-            "most half the keys)", ok,
-            f"feature distance {e['shift_sink']:.3f} vs {e['shift_random']:.3f}; removes "
-            f"{e['keys_removed_share']:.0%} of the keys (SD3: {int(k) * SD3_HEADS / SD3_KEYS:.1%})")
-    for sel, k, paper in (("per_head", "1", "CLIP-T 95% CI contains 0 (553 GenEval prompts, top-1 per head)"),
-                          ("per_head", "5", "CLIP-T 95% CI contains 0 (553 GenEval prompts, top-5 per head)"),
-                          ("union", "1", "CLIP-T DDelta not significant (union, k = 1)")):
-        e = res["by_selection"][sel]["by_k"].get(k)
-        if e is None:
-            continue
-        lo, hi = e["align_delta_sink_ci"]
-        add(f"alignment is unchanged when the sinks are removed ({sel}, k = {k})", paper,
-            f"by_selection.{sel}.by_k.{k}.align_delta_sink", "accuracy change: 95% CI contains 0 and |change| <= 0.05",
-            lo <= 0 <= hi and abs(e["align_delta_sink"]) <= 0.05,
-            f"CI [{lo:+.3f}, {hi:+.3f}], baseline accuracy {res['baseline_accuracy']:.3f}")
-    e = res["multi_layer"]
-    lo, hi = e["align_delta_sink_ci"]
-    add(f"alignment is unchanged when the top-1 sinks are removed at several layers ({res['selection']})",
-        "CLIP-T 95% CI contains 0 (layers 6, 12, 18, top-1)", "multi_layer.align_delta_sink",
-        "accuracy change: 95% CI contains 0 and |change| <= 0.05", lo <= 0 <= hi and abs(e["align_delta_sink"]) <= 0.05,
-        f"layers {e['layers']}, CI [{lo:+.3f}, {hi:+.3f}]")
+        add(f"removing the sinks (union protocol, k = {k}) shifts the image several times more than as many random "
+            "keys", paper, f"by_selection.union.by_k.{k}.shift_ratio", "shift ratio >= 3 and DDelta > 0 with "
+            "Holm-adjusted p < 0.05 (testable while the budget removes at most half the keys)",
+            ok if e["keys_removed_share"] <= 0.5 else None,  # above: sink and random sets share most keys
+            f"feature distance {e['shift_sink']:.3f} vs {e['shift_random']:.3f}; removes {e['keys_removed_share']:.1%} "
+            f"of the keys (SD3: {int(k) * SD3_HEADS / SD3_KEYS:.1%})")
+    words = dict(align_delta_sink="accuracy is unchanged (vs the baseline) when the sinks are removed",
+                 align_ddelta="the accuracy DDelta (sinks removed - random keys removed) is not significant")
+    geneval = "CLIP-T change vs baseline: CI contains 0 (553 GenEval prompts)"
+    for where, stat, setting, paper in (
+            ("by_selection.per_head.by_k.1", "align_delta_sink", "per head, k = 1", geneval),
+            ("by_selection.per_head.by_k.5", "align_delta_sink", "per head, k = 5", geneval),
+            ("by_selection.union.by_k.1", "align_delta_sink", "union, k = 1", "(the paper tests sink - random: below)"),
+            ("by_selection.union.by_k.1", "align_ddelta", "union, k = 1", "CLIP-T DDelta n.s. (64 prompts, layer 12)"),
+            ("multi_layer", "align_delta_sink", "top-1, the paper's layers", "CLIP-T CI contains 0, layers 6, 12, 18")):
+        e = res
+        for part in where.split("."):
+            e = e.get(part) if e else None
+        if e is not None:
+            (lo, hi), d = e[stat + "_ci"], e[stat]
+            add(f"{words[stat]} ({setting})", paper, f"{where}.{stat}", "95% CI contains 0 and |change| <= 0.05",
+                lo <= 0 <= hi and abs(d) <= 0.05, f"CI [{lo:+.3f}, {hi:+.3f}]; layers {e['layers']}")
     for key, what in (("bos_overlap", "the BOS (index 0 of our [context ; image] keys)"),
                       ("first_image_token_overlap", "the first image token (index 0 of the official [image ; text])")):
         add(f"the top-1 sink is almost never {what}", "< 0.2% (layers 6, 12, 18)", key, "share < 0.002",
-            res[key] < PAPER["index0_overlap_below"],
-            f"at layers {res['measured_layers']}; layer 0: {res['bos_overlap_by_layer'][0]:.3f} (BOS); "
-            f"chance 1/{res['n_keys']} = {1 / res['n_keys']:.3f}")
+            res[key] < PAPER["index0_below"], f"layers {res['measured_layers']}; chance 1/{res['keys_per_layer']}")
     return claims
 
 
-def figures(out, cfg, M, layer, n_ctx, trip, res):
-    S, _, _, H, N = M.shape
-    names = ["BOS"] + [f"lab{i}" for i in range(1, n_ctx)] + [f"img{i}" for i in range(N - n_ctx)]
-    fig, axes = plt.subplots(2, H, figsize=(2.6 * H, 2 + 0.14 * N), squeeze=False)
-    for h in range(H):  # row 0: one sample (sinks move); row 1: the mean over samples
-        for r, (mass, what) in enumerate([(M[:, layer, 0, h], "seed 0"), (M[:, layer, :, h].mean(1), "mean")]):
-            ax = axes[r, h]
-            im = ax.imshow(mass.T.numpy() * N, aspect="auto", cmap="magma", interpolation="nearest")
-            ax.set_title(f"head {h}, {what}", fontsize=8)
-            ax.set_yticks(range(N), names if h == 0 else [""] * N, fontsize=5)
-            ax.set_xlabel("step (t = 1 -> 0)", fontsize=7)
-            fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.suptitle(f"incoming mass x Nk (1 = uniform), layer {layer}", fontsize=9)
+# %% figures: each drawn from the run's own numbers and tensors
+
+
+def fig_method(out, probs0, n_ctx: int, image: torch.Tensor, where: str):
+    """Sample 0's attention (probs0: (H, N, N)) at one layer and step: head 0's matrix, every head's incoming mass,
+    and the keys each protocol removes at k = 1 (per head: each head's top key; union: the top H of the mean)."""
+    H, N = probs0.shape[:2]
+    side = int(round(math.sqrt(N - n_ctx)))  # patches per image side
+    P = image.shape[-1] // side  # pixels per patch side
+    mass = incoming_mass(probs0[None], n_ctx)[0] * N  # (H, Nk), 1 = uniform
+    per_head, union = mass.argmax(-1).tolist(), mass.mean(0).topk(H).indices.tolist()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.4), gridspec_kw=dict(width_ratios=[1.1, 1.4, 0.8]))
+    im = axes[0].imshow(probs0[0].clamp_min(1e-4).numpy(), cmap="magma", norm=LogNorm(1e-4, 1), interpolation="nearest")
+    for j in union:
+        axes[0].add_patch(plt.Rectangle((j - 0.5, -0.5), 1, N, fill=False, ec="deepskyblue", lw=1.5))
+    axes[0].plot([per_head[0]], [-2], "v", color="C0", ms=11, mec="k", clip_on=False)
+    axes[0].set(xlabel="key (first 5: BOS and label tokens, then the image patches)", ylabel="query (same order)",
+                title="head 0: attention of each query on each key\ntriangle: its top key; blue: the union set")
+    fig.colorbar(im, ax=axes[0], fraction=0.046, label="attention probability (log scale)")
+    for h in range(H):
+        axes[1].plot(range(N), mass[h], lw=1, color=f"C{h}", label=f"head {h}")
+        axes[1].plot([per_head[h]], [mass[h, per_head[h]]], "v", color=f"C{h}", ms=11, mec="k")
+    axes[1].plot(range(N), mass.mean(0), "k-", lw=2, label="mean over the heads")
+    axes[1].plot(union, mass.mean(0)[union], "s", ms=12, mfc="none", mec="deepskyblue", mew=2,
+                 label=f"the union set: the top {H} of the mean, removed in every head")
+    axes[1].axvspan(-0.5, n_ctx - 0.5, color="0.9", zorder=0)
+    axes[1].set(xlabel="key (grey: BOS and label tokens)", ylabel="incoming mass x number of keys (1 = uniform)",
+                title=f"{where}\nper head, k = 1 removes each head's triangle; union, k = 1 the blue squares")
+    axes[1].legend(fontsize=9)
+    axes[2].imshow(grid(image[None], 1, pad=0).numpy(), interpolation="nearest")
+    for j in (j for j in union if j >= n_ctx):
+        r, c = divmod(j - n_ctx, side)
+        axes[2].add_patch(plt.Rectangle((c * P - 0.5, r * P - 0.5), P, P, fill=False, ec="deepskyblue", lw=3))
+    ctx = [f"label {j}" if j else "BOS" for j in sorted(union) if j < n_ctx]
+    axes[2].set_title("final image; blue: union patches" + f"\nalso removed: {', '.join(ctx)}" * bool(ctx))
+    axes[2].axis("off")
     fig.tight_layout()
-    fig.savefig(out / "fig_heatmap.png", dpi=120)
+    fig.savefig(out / "fig_method.png", dpi=110)
     plt.close(fig)
 
-    panels = [("baseline", trip[0]), (f"top-{H} sinks removed", trip[1]), (f"{H} random keys removed", trip[2])]
-    save_image_panels(panels,
-                      out / "fig_triplets.png", nrow=(cfg.n_show + 1) // 2, scale=0.35,
-                      title=f"same noise and label; union k = 1 (k*H keys, every head, every row) at layer {layer}")
 
-    def ci_err(rows, key):  # (2, n) error bars from [lo, hi] CIs
-        return np.array([[r[key] - r[key + "_ci"][0], r[key + "_ci"][1] - r[key]] for r in rows]).T
+def fig_heatmap(out, M: torch.Tensor, layer: int, n_ctx: int, side: int):
+    """Incoming mass over the steps at one layer, per head: sample 0 and the mean over samples, one colour scale."""
+    S, _, _, H, N = M.shape
+    panels = [(M[:, layer, 0, h] * N, f"head {h}, one sample") for h in range(H)]
+    panels += [(M[:, layer, :, h].mean(1) * N, f"head {h}, mean of samples") for h in range(H)]
+    hi = max(p.max().item() for p, _ in panels)
+    ticks = [0, n_ctx / 2] + list(range(n_ctx, N, side))  # the BOS, the label tokens, each row of patches
+    names = ["BOS", "label tokens"] + [f"image row {r}" for r in range(side)]
+    fig, axes = plt.subplots(2, H, figsize=(3.2 * H + 1, 11), squeeze=False, sharey=True)
+    for ax, (mass, title) in zip(axes.flat, panels):
+        im = ax.imshow(mass.T.clamp_min(0.1).numpy(), aspect="auto", cmap="magma", norm=LogNorm(0.1, hi),
+                       interpolation="nearest")
+        ax.plot(range(S), mass.argmax(-1).numpy(), "o", mfc="none", mec="cyan", ms=6, label="top-1 sink")
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("sampling step (noise -> image)", fontsize=10)
+        ax.set_yticks(ticks, names, fontsize=9)
+    axes[0, 0].legend(fontsize=9, loc="lower right")
+    fig.colorbar(im, ax=axes, fraction=0.02, ticks=[t for t in (0.1, 0.3, 1, 3, 10, 30) if t <= hi],
+                 format="%g", label="incoming mass x number of keys (1 = uniform), log scale")
+    fig.suptitle(f"how much attention each key gets at layer {layer}: the sinks move", fontsize=13)
+    fig.savefig(out / "fig_heatmap.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    for j, (sel, col) in enumerate((("per_head", "C0"), ("union", "C3"))):  # top row: the two protocols against k
+
+def fig_triplets(out, trip: list, nrow: int, layer: int, H: int):
+    """Baseline, sinks removed, random keys removed (same noise and label); below, |change| on one scale."""
+    diffs = [(x - trip[0]).abs().mean(1, keepdim=True) for x in trip[1:]]  # (B, 1, S, S) in [0, 2]
+    hi = max(d.max().item() for d in diffs) or 1.0
+    pad = grid(torch.full_like(trip[0], -1), nrow)[..., 0] > 0.5  # where grid() puts its white padding
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.5))
+    titles = ["baseline", f"top {H} sinks removed (union, k = 1)", f"{H} random keys removed"]
+    for ax, x, title in zip(axes[0], trip, titles):
+        ax.imshow(grid(x, nrow).numpy(), interpolation="nearest")
+        ax.set_title(title, fontsize=11)
+    for ax, d, title in zip(axes[1, 1:], diffs, ("|sinks removed - baseline|", "|random keys removed - baseline|")):
+        canvas = grid(d.expand(-1, 3, -1, -1) * 2 / hi - 1, nrow)[..., 0] * hi
+        im = ax.imshow(canvas.masked_fill(pad, float("nan")).numpy(), cmap="magma", vmin=0, vmax=hi,
+                       interpolation="nearest")
+        ax.set_title(title, fontsize=11)
+    fig.colorbar(im, ax=axes[1, 1:].tolist(), fraction=0.03, label="pixel change (mean over colours)")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"the same noise and label in every column: sinks or as many random keys removed at layer {layer}, "
+                 "every step;\nbelow: how far each image moved", fontsize=12)
+    fig.savefig(out / "fig_triplets.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+PATH_WORDS = {"score": "keys masked", "value_zero": "values zeroed", "value_mean": "values set to their mean",
+              "both": "masked and zeroed"}
+
+
+def bars(ax, labels: list, series: dict, ylabel: str, title: str, err=None):
+    """Grouped bars, one group per label: series = {legend: values}; err: (2, n) error bars of a single series."""
+    xs, w = np.arange(len(labels)), 0.8 / len(series)
+    for j, (name, values) in enumerate(series.items()):
+        ax.bar(xs + w * (j - (len(series) - 1) / 2), values, w, yerr=err, capsize=3, label=name)
+    ax.set(xticks=xs, ylabel=ylabel, title=title)
+    long = max(map(len, labels)) > 8
+    ax.set_xticklabels(labels, rotation=20 if long else 0, ha="right" if long else "center")
+    ax.axhline(0, color="k", lw=0.8)
+
+
+def fig_shift_alignment(out, res: dict, layer: int):
+    """How far the image moves (sinks vs random keys) and what accuracy does: against k, per edit, per layer."""
+    err = lambda rows, key: np.array([[r[key] - r[key + "_ci"][0], r[key + "_ci"][1] - r[key]] for r in rows]).T  # noqa
+    fig, axes = plt.subplots(2, 3, figsize=(17, 10))
+    for j, (sel, col, words) in enumerate((("per_head", "C0", "each head's top k"), ("union", "C3", "union"))):
         by_k = res["by_selection"][sel]["by_k"]
         ks, rows = np.array([int(k) for k in by_k], dtype=float), list(by_k.values())
-        axes[0, 0].plot(ks, [r["shift_sink"] for r in rows], "o-", color=col, label=f"{sel}: sinks")
-        axes[0, 0].plot(ks, [r["shift_random"] for r in rows], "o--", color=col, alpha=0.5, label=f"{sel}: random")
-        ks_j = ks * 1.04 ** (j - 0.5)  # side by side, so the error bars do not hide each other
-        axes[0, 1].errorbar(ks_j, [r["align_delta_sink"] for r in rows], yerr=ci_err(rows, "align_delta_sink"),
-                            fmt="o-", color=col, capsize=2, label=f"{sel}: sinks (dashed: random)")
-        axes[0, 1].plot(ks_j, [r["align_delta_random"] for r in rows], "o--", color=col, alpha=0.5)
-    axes[0, 0].set(xscale="log", xlabel="k (budget per head; union: k*H keys in every head)",
-                   ylabel="feature distance to baseline", title=f"perceptual shift at layer {layer} (LPIPS stand-in)")
-    axes[0, 1].set(xscale="log", xlabel="k", ylabel="accuracy change vs baseline",
-                   title="alignment (CLIP-T stand-in), 95% CI")
-    for ax in axes[0, :2]:  # plain k ticks on the log axis
+        axes[0, 0].plot(ks, [r["shift_sink"] for r in rows], "o-", color=col, label=f"{words}: sinks removed")
+        axes[0, 0].plot(ks, [r["shift_random"] for r in rows], "o--", color=col, alpha=0.5, label=f"{words}: random")
+        for key, fmt, what in (("align_delta_sink", "o-", "sinks removed vs baseline"),
+                               ("align_ddelta", "s:", "sinks - random")):
+            axes[0, 1].errorbar(ks * 1.04 ** (j - 0.5), [r[key] for r in rows], yerr=err(rows, key), fmt=fmt, color=col,
+                                capsize=3, label=f"{words}: {what}")  # side by side: the bars do not hide each other
+    axes[0, 0].set(ylabel="change of the image (feature distance)", title=f"how far the image moves, layer {layer}")
+    axes[0, 1].set(ylabel="accuracy change, 95% interval", title="alignment (the classifier's accuracy)")
+    axes[0, 1].axhline(0, color="k", lw=0.8)
+    for ax in axes[0, :2]:
+        ax.set(xscale="log", xlabel="k, keys removed per head (union: k*H keys from every head)")
         ax.set_xticks(ks, [str(int(k)) for k in ks])
         ax.minorticks_off()
-    other = {f"{p}, k = {k}": e for p, by_k in res["by_path"].items() for k, e in by_k.items() if k == "1"}
-    other.update({f"{p}, BOS (fixed)": e for p, e in res["fixed_bos"].items()})
-    other[f"score, {res['query_rows_compare']['other']} rows"] = res["query_rows_compare"]["entry"]
-    xs = np.arange(len(other))
-    axes[0, 2].bar(xs - 0.2, [e["shift_sink"] for e in other.values()], 0.4, label="chosen keys removed")
-    axes[0, 2].bar(xs + 0.2, [e["shift_random"] for e in other.values()], 0.4, label="as many random keys")
-    axes[0, 2].set(xticks=xs, ylabel="feature distance to baseline",
-                   title=f"other edits ({cfg.selection}, layer {layer})")
-    axes[0, 2].set_xticklabels(list(other), rotation=30, ha="right", fontsize=7)
-    by_layer = res["by_layer"]
-    names = [str(r["layer"]) for r in by_layer] + ["+".join(map(str, res["multi_layer"]["layers"]))]
-    rows, xs = [*by_layer, res["multi_layer"]], np.arange(len(by_layer) + 1)
-    axes[1, 0].bar(xs - 0.2, [r["shift_sink"] for r in rows], 0.4, label="top-1 sink removed")
-    axes[1, 0].bar(xs + 0.2, [r["shift_random"] for r in rows], 0.4, label="1 random key removed")
-    axes[1, 0].set(ylabel="feature distance to baseline", title=f"per layer, k = 1, score path ({cfg.selection})")
-    axes[1, 1].bar(xs, [r["align_delta_sink"] for r in rows], 0.5, yerr=ci_err(rows, "align_delta_sink"),
-                   capsize=2, color="C1", label="sink removed")
-    axes[1, 1].set(ylabel="accuracy change vs baseline", title="alignment per layer, 95% CI")
-    for ax in axes[1, :2]:
-        ax.set(xticks=xs, xticklabels=names, xlabel="layer")
-        ax.axhline(0, color="k", lw=0.8)
-    xs = np.arange(len(by_layer))  # shares get their own axis (0..1), apart from accuracy changes
-    for j, (key, lab) in enumerate((("bos_share", "BOS"), ("label_share", "label tokens"),
-                                    ("image_share", "image tokens"), ("first_image_share", "first image token"))):
-        axes[1, 2].bar(xs + 0.2 * (j - 1.5), [r[key] for r in by_layer], 0.2, label=lab)
-    axes[1, 2].set(xticks=xs, xticklabels=[str(r["layer"]) for r in by_layer], xlabel="layer", ylim=(0, 1),
-                   ylabel="share of top-1 sinks", title="what the top-1 sink is, per layer")
-    axes[0, 1].axhline(0, color="k", lw=0.8)
+    other = {f"{PATH_WORDS[p]}, k = 1": e["1"] for p, e in res["by_path"].items() if "1" in e}
+    other.update({f"the BOS token's {PATH_WORDS[p]}": e for p, e in res["fixed_bos"].items()})
+    other[f"keys masked for {res['other_rows']['rows']} query rows"] = res["other_rows"]
+    bars(axes[0, 2], list(other), {"chosen keys (the sinks, or the BOS)": [e["shift_sink"] for e in other.values()],
+                                   "as many random keys": [e["shift_random"] for e in other.values()]},
+         "change of the image (feature distance)", f"other edits, layer {layer}")
+    rows = [*res["by_layer"], res["multi_layer"]]
+    names = ["+".join(map(str, r["layers"])) for r in rows]
+    bars(axes[1, 0], names, {"top-1 sink removed": [r["shift_sink"] for r in rows],
+                             "1 random key removed": [r["shift_random"] for r in rows]},
+         "change of the image (feature distance)", "per layer (k = 1)")
+    bars(axes[1, 1], names, {"top-1 sink removed, vs baseline": [r["align_delta_sink"] for r in rows]},
+         "accuracy change, 95% interval", "alignment per layer (k = 1)", err(rows, "align_delta_sink"))
+    kinds = (("bos_share", "the BOS"), ("label_share", "a label token"), ("image_share", "an image patch"),
+             ("first_image_share", "the first patch"))
+    bars(axes[1, 2], names[:-1], {w: [r[key] for r in res["by_layer"]] for key, w in kinds}, "share of top-1 sinks",
+         "what the top-1 sink is")
+    axes[1, 2].set_ylim(0, 1.3)  # room for the legend above the bars
     for ax in axes.flat:
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=10)
+        ax.title.set_fontsize(13)
+    for ax in axes[1]:
+        ax.set_xlabel("layer")
     fig.tight_layout()
-    fig.savefig(out / "fig_shift_alignment.png", dpi=120)
+    fig.savefig(out / "fig_shift_alignment.png", dpi=100)
     plt.close(fig)
 
 
@@ -471,111 +529,64 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     out = run_dir(cfg, "attention_sinks")
-    base_cfg = pretrain.Config(**pretrain.PRESETS[cfg.preset], device=cfg.device)  # the shared base model
-    model, _ = pretrain.base_model(base_cfg, device)
-    evaluator, _ = get_evaluator(base_cfg.dataset, base_cfg.size, device, base_cfg.eval_steps, base_cfg.seed)
-    depth, H, n_ctx = len(model.blocks), model.blocks[0].attn.H, model.n_ctx
-    n_keys = n_ctx + (model.img_size // model.P) ** 2
-    assert (depth, H, n_keys) == base_shape(cfg.preset), "Config.validate checked another shape"
+    m_cfg = model_config(cfg)
+    model, info = pretrain.base_model(m_cfg, device)  # trained once with the base recipe, then cached
+    evaluator, _ = get_evaluator(m_cfg.dataset, m_cfg.size, device, m_cfg.eval_steps, m_cfg.seed)
+    depth, H, n_ctx, side = len(model.blocks), model.blocks[0].attn.H, model.n_ctx, model.img_size // model.P
+    n_keys = n_ctx + side ** 2
+    assert (depth, H, n_keys) == model_shape(cfg), "Config.validate checked another shape"
     layer = depth // 2 if cfg.layer == -1 else cfg.layer
-    ks, sel, rows = int_list(cfg.ks, "--ks"), cfg.selection, cfg.query_rows
-    other_rows = "image" if rows == "all" else "all"
+    ks = int_list(cfg.ks, "--ks")
     y = torch.arange(cfg.n_samples) % model.n_classes  # balanced labels, paired with the noise by index
 
-    # Baseline: the same hook with nothing removed, recording the incoming mass of every call.
+    # Baseline: the hook with nothing removed, recording the incoming mass of every call.
     rec = SinkHook(n_ctx, record=True)
     base = measures(evaluator, sample_with(model, cfg, y, rec), y)
     M = torch.stack(rec.masses).reshape(cfg.sample_steps, depth, *rec.masses[0].shape)  # (S, L, B, H, Nk)
-    if cfg.cfg_scale != 1.0:
-        M = M[:, :, :cfg.n_samples]  # the conditional half of each CFG batch
-    on_shape = patchify(base["x"], model.P).amax(-1) > 0  # (B, N_img): a patch with a coloured pixel
-    detection = detection_stats(M, n_ctx, on_shape)
-    multi = tuple(detection["measured_layers"])  # the paper's multi-layer run: layers 6, 12, 18 of 24
+    probs0 = torch.stack(rec.probs0).reshape(cfg.sample_steps, depth, H, n_keys, n_keys)
+    detection = detection_stats(M, n_ctx)
 
-    cache, effects = {}, {}
-
-    def effect(layers: tuple, k: int, path: str, selection: str, rows: str) -> dict:
-        runs = {}
+    plan, runs, effects = design(cfg, ks, layer, depth), {}, {}
+    for r in tqdm(list(dict.fromkeys(leaves(plan))), desc="interventions", mininterval=1.0):
         for control in ("sink", "random"):
-            key = (layers, k, path, selection, rows, control)
-            if key not in cache:
-                hook = SinkHook(n_ctx, layers, k, path, control, selection, rows, cfg.mask_value, seed_of(cfg, *key))
-                cache[key] = measures(evaluator, sample_with(model, cfg, y, hook), y)
-            runs[control] = cache[key]
-        share = k * (H if selection == "union" else 1) / n_keys  # per head: each head loses k of Nk keys
-        return dict(paired_effect(base, runs["sink"], runs["random"], cfg), keys_removed_share=share)
-
-    at = (layer,)
-    paths = PATHS if rows == "image" else PATHS[:3]  # with every row masked, "both" equals the score path (tested)
-    settings = [(at, k, "score", s, rows) for s in ("per_head", "union") for k in ks]
-    settings += [(at, k, p, sel, rows) for p in paths[1:] for k in ks]
-    settings += [(at, 1, p, "fixed", rows) for p in ("value_zero", "value_mean")]
-    settings += [(at, 1, "score", sel, other_rows)] + [((i,), 1, "score", sel, rows) for i in range(depth)]
-    settings += [(multi, 1, "score", sel, rows), (at, 1, "score", "union", rows)]  # the last: the triplet figure
-    for s in tqdm(list(dict.fromkeys(settings)), desc="interventions", mininterval=1.0):
-        effects[s] = effect(*s)
-    # Holm-Bonferroni over every test the run reports: DDelta and accuracy change of each setting.
+            hook = SinkHook(n_ctx, r, control, cfg.mask_value, seed_of(cfg, r, control))
+            runs[r, control] = measures(evaluator, sample_with(model, cfg, y, hook), y)
+        effects[r] = dict(paired_effect(base, runs[r, "sink"], runs[r, "random"], cfg), layers=list(r.layers),
+                          rows=r.rows, keys_removed_share=key_share(r.k, r.selection, H, n_keys))
+    # Holm-Bonferroni over every test the run reports: the DDelta and the accuracy change of each setting.
     tests = [(e, p) for e in effects.values() for p in ("p_value", "align_p_value")]
     for (e, p), adj in zip(tests, holm([e[p] for e, p in tests])):
         e[p.replace("p_value", "p_holm")] = adj
-
-    by_selection = {s: dict(by_k={str(k): effects[(at, k, "score", s, rows)] for k in ks})
-                    for s in ("per_head", "union")}
-    by_path = {p: {str(k): effects[(at, k, p, sel, rows)] for k in ks} for p in paths}
-    by_layer = [dict(layer=i, **effects[((i,), 1, "score", sel, rows)], **detection["detection_by_layer"][i])
-                for i in range(depth)]
-    trip = [r["x"][:cfg.n_show] for r in (base, cache[(at, 1, "score", "union", rows, "sink")],
-                                          cache[(at, 1, "score", "union", rows, "random")])]
-    bos_by_layer = [d["bos_share"] for d in detection["detection_by_layer"]]
-    results = dict(
-        bos_overlap=detection["bos_overlap"], first_image_token_overlap=detection["first_image_token_overlap"],
-        measured_layers=detection["measured_layers"], bos_overlap_by_layer=bos_by_layer,
-        bos_overlap_layer0=bos_by_layer[0], bos_overlap_at_layer=bos_by_layer[layer],
-        bos_overlap_all_layers=detection["bos_overlap_all_layers"],
-        first_image_token_overlap_by_layer=[d["first_image_share"] for d in detection["detection_by_layer"]],
-        sink_strength=detection["sink_strength"], n_samples=cfg.n_samples,
-        by_selection=by_selection, selection=sel, query_rows=rows,
-        query_rows_compare=dict(other=other_rows, entry=effects[(at, 1, "score", sel, other_rows)]),
-        by_path=by_path, fixed_bos={p: effects[(at, 1, p, "fixed", rows)] for p in ("value_zero", "value_mean")},
-        by_layer=by_layer, multi_layer=dict(layers=list(multi), **effects[(multi, 1, "score", sel, rows)]),
-        detection={k: v for k, v in detection.items() if k not in ("bos_overlap", "first_image_token_overlap",
-                                                                     "measured_layers", "sink_strength")},
-        layer=layer, n_keys=n_keys, heads=H, cfg_scale=cfg.cfg_scale, sampling_runs=1 + len(cache),
-        baseline_accuracy=base["correct"].mean().item(),
-        tests=dict(family_size=len(tests), correction="Holm-Bonferroni over the DDelta and accuracy-change sign-flip "
-                                                      "tests of every setting above (p_holm, align_p_holm)"),
-        paper=PAPER,
-        metric_note="shift: paired evaluator-feature distance (LPIPS stand-in; *_l2: pixel RMS); align: evaluator "
-                    "accuracy change vs the seed-paired baseline (CLIP-T stand-in); logprob: label log-probability",
+    res = replace(plan, lambda r: dict(effects[r]))  # a copy per place: the by_layer rows get detection added
+    for row, det in zip(res["by_layer"], detection["detection_by_layer"]):
+        row.update(det)
+    res.update(
+        {k: v for k, v in detection.items() if k != "detection_by_layer"}, keys_per_layer=n_keys, heads=H, layer=layer,
+        key_share_removed={s: {str(k): key_share(k, s, H, n_keys) for k in ks} for s in ("per_head", "union")},
+        selection=cfg.selection, query_rows=cfg.query_rows, n_samples=cfg.n_samples, sample_steps=cfg.sample_steps,
+        sampling_runs=1 + len(runs), baseline_accuracy=base["correct"].mean().item(), holm_family_size=len(tests),
+        model_train_seconds=round(info["train_seconds"], 1), model_loaded_from_cache=info["cached"], paper=PAPER,
         device=str(device))
-    results["claims"] = make_claims(results)
-    results["seconds"] = round(time.perf_counter() - t0, 1)
-    save_json(out / "results.json", results)
-    figures(out, cfg, M, layer, n_ctx, trip, results)
+    res["claims"] = make_claims(res)
+    step = cfg.sample_steps // 2
+    fig_method(out, probs0[step, layer], n_ctx, base["x"][0],
+               f"layer {layer}, step {step + 1} of {cfg.sample_steps}, sample 0: every head's incoming mass")
+    fig_heatmap(out, M, layer, n_ctx, side)
+    union1 = Removal((layer,), 1, "score", "union", cfg.query_rows)
+    fig_triplets(out, [x["x"][:8] for x in (base, runs[union1, "sink"], runs[union1, "random"])], 4, layer, H)
+    fig_shift_alignment(out, res, layer)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    save_json(out / "results.json", res)  # last: a folder holds results.json only when the run finished
 
-    print_table([(s, k, f"{r['keys_removed_share']:.2f}", r["shift_sink"], r["shift_random"], r["shift_ratio"],
-                  r["ddelta"], r["p_holm"], r["align_delta_sink"], r["align_p_holm"])
-                 for s, d in by_selection.items() for k, r in d["by_k"].items()],
-                ("protocol", "k", "keys", "shift sink", "shift rand", "ratio", "DDelta", "p_holm", "d acc sink",
-                 "p_holm acc"))
-    print()
-    print_table([(str(r["layer"]), r["shift_sink"], r["shift_random"], r["align_delta_sink"], r["label_share"],
-                  r["bos_share"]) for r in by_layer]
-                + [("+".join(map(str, multi)), results["multi_layer"]["shift_sink"],
-                    results["multi_layer"]["shift_random"], results["multi_layer"]["align_delta_sink"], "", "")],
-                (f"layer (k=1, {sel})", "shift sink", "shift rand", "d acc sink", "top1 label", "top1 BOS"))
-    print()
-    print_table([(c["claim"][:70], f"{c['ours']:.4g}", c["reproduced"]) for c in results["claims"]],
+    print_table([(s, k, f"{r['keys_removed_share']:.3f}", r["shift_sink"], r["shift_random"], r["shift_ratio"],
+                  r["ddelta"], r["p_holm"], r["align_delta_sink"], r["align_ddelta"])
+                 for s, d in res["by_selection"].items() for k, r in d["by_k"].items()],
+                ("protocol", "k", "keys", "shift sink", "shift rand", "ratio", "DDelta", "p_holm", "d acc", "acc DD"))
+    print_table([(c["claim"][:72], f"{c['ours']:.4g}", c["reproduced"]) for c in res["claims"]]
+                + [("baseline accuracy", res["baseline_accuracy"], ""), ("seconds", res["seconds"], "")],
                 ("claim", "ours", "reproduced"))
-    print()
-    print_table([(f"bos_overlap (layers {results['measured_layers']})", results["bos_overlap"]),
-                 ("bos_overlap, layer 0", results["bos_overlap_layer0"]),
-                 ("first_image_token_overlap", results["first_image_token_overlap"]),
-                 ("sink_strength (x uniform)", results["sink_strength"]),
-                 ("top-1 switch rate across steps", detection["top1_switch_rate"]),
-                 ("baseline accuracy", results["baseline_accuracy"]), ("seconds", results["seconds"])])
     print(f"wrote {out}/results.json and figures")
-    return results
+    return res
 
 
 def main(argv=None):

@@ -3,8 +3,8 @@
     python -m common.pretrain                  # cpu preset without CUDA, gpu preset with it
     python -m common.pretrain --preset smoke   # seconds; what the tests run
 
-ram.py, lfm_stability.py and attention_sinks.py start from this model (`base_model(cfg)`),
-which is cached in checkpoints/ by config hash. The run writes config.json, results.json
+ram.py and lfm_stability.py start from this model (`base_model(cfg)`), attention_sinks.py from the
+same recipe with --patch 2; each is cached in checkpoints/ by config hash. The run writes config.json, results.json
 (params, train_seconds, evaluator accuracy, sample accuracy with and without CFG, evaluator FD)
 and fig_samples.png into --out.
 """
