@@ -147,6 +147,8 @@ def markdown(summary: dict) -> str:
     lines += ["", "Cold: each script's own models trained, the base model and evaluator (the `pretrain` step) "
               "already cached; `ram` also trains the evaluators of seeds 1 and 2, which later scripts find cached. "
               "Warm: everything cached."]
+    notes = [f"- `{name}`: {rec['note']}" for name, rec in runs.items() if rec.get("note")]
+    lines += ["", *notes] if notes else []
     return "\n".join(lines) + "\n"
 
 
