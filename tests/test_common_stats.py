@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from common.stats import bootstrap_ci, first_at_or_above, holm, levelled_off, rank_corr, sign_flip_p, trailing_mean
+from common.stats import ratio_ci, shifted_interval
 
 
 def test_sign_flip_p_matches_the_full_enumeration_two_sided():
@@ -69,3 +70,29 @@ def test_rank_corr_against_a_direct_spearman():
     assert rank_corr(scores) == pytest.approx(sum(pairs) / len(pairs), abs=1e-9)
     assert rank_corr(torch.stack([base, base])) == pytest.approx(1.0)
     assert rank_corr(torch.stack([base, -base])) == pytest.approx(-1.0)
+
+
+def test_ratio_ci_is_the_ratio_of_means_and_covers_the_truth():
+    """Pairs (num, den) with a known ratio of expectations (2): the estimate is mean/mean, not the mean of
+    the ratios, the interval covers 2 in most of 40 draws, and resampling keeps num[i], den[i] together
+    (den = num / 2 exactly gives an interval of zero width)."""
+    g = torch.Generator().manual_seed(0)
+    num, den = torch.tensor([1.0, 9.0]), torch.tensor([1.0, 1.0])
+    assert ratio_ci(num, den, 100, seed=0)[0] == pytest.approx(5.0)  # the mean of the ratios would be 5 too
+    assert ratio_ci(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 3.0]) * torch.tensor([1.0, 0.2]), 100, 0)[0] \
+        == pytest.approx(4 / 1.6)  # mean/mean = 2.5; the mean of the ratios would be 3
+    r = ratio_ci(num, num / 2, 200, seed=1)
+    assert r[1] == pytest.approx(2.0) and r[2] == pytest.approx(2.0)  # paired: every resample has ratio 2
+    covered = 0
+    for _ in range(40):
+        den = torch.rand(200, generator=g) + 0.5
+        num = 2 * den + 0.3 * torch.randn(200, generator=g)
+        _, lo, hi = ratio_ci(num, den, 300, seed=2)
+        covered += lo < 2.0 < hi
+    assert covered >= 32
+
+
+def test_shifted_interval_moves_a_biased_bootstrap_back_to_the_estimate():
+    boot = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]) + 10.0  # biased up by 10 against the estimate 3
+    est, lo, hi = shifted_interval(boot, 3.0, level=0.5)
+    assert est == 3.0 and lo == pytest.approx(2.0) and hi == pytest.approx(4.0)
