@@ -6,8 +6,17 @@ import math
 import pytest
 import torch
 
-from common.stats import bootstrap_ci, first_at_or_above, holm, levelled_off, rank_corr, sign_flip_p, trailing_mean
-from common.stats import ratio_ci, shifted_interval
+from common.stats import (
+    bootstrap_ci,
+    first_at_or_above,
+    holm,
+    levelled_off,
+    rank_corr,
+    ratio_ci,
+    shifted_interval,
+    sign_flip_p,
+    trailing_mean,
+)
 
 
 def test_sign_flip_p_matches_the_full_enumeration_two_sided():
