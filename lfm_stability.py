@@ -78,6 +78,7 @@ class Config(BaseConfig):
     cfg_scale: float = field(4.0, "guidance scale of the second row (the paper's ImageNet scale)", min=0)
     time_batch: int = field(192, "images per timed sampling call (every switch once per round)")
     eval_steps: int = field(300, "training steps of the evaluator and of the clustering encoder")
+    n_boot: int = field(400, "bootstrap resamples of every 95% interval", min=20)
 
     def validate(self):
         if self.n_train < 8:
@@ -93,7 +94,7 @@ class Config(BaseConfig):
 
 PRESETS = {
     "smoke": dict(steps=10, small_steps=10, batch=16, n_train=720, clusters=6, n_samples=36, sample_steps=4,
-                  large="smoke", time_batch=12, eval_steps=20),
+                  large="smoke", time_batch=12, eval_steps=20, n_boot=20),
     "cpu": dict(),
     "gpu": dict(model="s", small_width=64, large="gpu", steps=4000, small_steps=12000, batch=256, n_samples=4608,
                 sample_steps=60, time_batch=768, eval_steps=600),
@@ -103,7 +104,6 @@ PAPER_SWITCH = 0.3  # the official t_split = 0.7 with noise at 0 (see the paper 
 SWITCHES = (1.0, 0.7, 0.5, 0.4, PAPER_SWITCH, 0.2, 0.0)  # 1: the large model alone, 0: the small one alone
 GATE = 0.5  # a pair is "nearly the same image" when its paired error is at most half the unrelated one
 P_UNCOND = 0.1  # CFG dropout of the shared recipe (common/pretrain.py's)
-N_BOOT = 400  # bootstrap resamples of every interval
 # pair name -> (model a, model b): same noise and labels through both
 PAIRS = {"half_A": ("reference", "half_A", "random half A vs all"), "half_B": ("reference", "half_B", "half B vs all"),
          "halves": ("half_A", "half_B", "half A vs disjoint half B"),
@@ -162,7 +162,8 @@ def real_spread(images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict:
     return {k: v.mean().item() for k, v in errors(images, images[perm]).items()}
 
 
-def stability_metrics(ev, x_a: torch.Tensor, x_b: torch.Tensor, y: torch.Tensor, real: dict, seed: int) -> dict:
+def stability_metrics(ev, x_a: torch.Tensor, x_b: torch.Tensor, y: torch.Tensor, real: dict, seed: int,
+                      n_boot: int = 400) -> dict:
     """Same-noise pairs (x_a[i], x_b[i]) against unrelated pairs (x_a[i], x_b[perm[i]]): partners of
     the same label and other noise, so each statistic has its own chance level. Each ratio is
     paired / unrelated with its interval ([value, low, high]; 1: chance, 0: the same image) and
@@ -181,7 +182,7 @@ def stability_metrics(ev, x_a: torch.Tensor, x_b: torch.Tensor, y: torch.Tensor,
              unrelated_label_agreement=(lab_a == lab_b[same_class]).float().mean().item())
     for k in ("mse", "position", "size"):
         m[f"{k}_err"], m[f"unrelated_{k}_err"] = paired[k].mean().item(), unrelated[k].mean().item()
-        m[f"{k}_ratio"] = ratio_ci(paired[k], unrelated[k], N_BOOT, seed)
+        m[f"{k}_ratio"] = ratio_ci(paired[k], unrelated[k], n_boot, seed)
         m[f"real_{k}_ratio"] = m[f"{k}_err"] / real[k]
     m["verdict"] = gate(m)
     m["passes"] = m["verdict"] == "holds"
@@ -298,16 +299,16 @@ def cost_model_speedup(steps: int, switch_t: float, t_large: float, t_small: flo
 # %% quality: FD with intervals
 
 
-def fd_ci(f_x: torch.Tensor, f_real: torch.Tensor, seed: int) -> list:
+def fd_ci(f_x: torch.Tensor, f_real: torch.Tensor, seed: int, n_boot: int = 400) -> list:
     """Evaluator FD (FID stand-in) of samples to the real features, [FD, low, high]: the samples are
     resampled, the real set stays fixed (one set for every model compared). f_*: (B, F)."""
     g = torch.Generator().manual_seed(seed)
     boot = torch.tensor([frechet_distance(f_x[torch.randint(len(f_x), (len(f_x),), generator=g)], f_real)
-                         for _ in range(N_BOOT)])
+                         for _ in range(n_boot)])
     return shifted_interval(boot, frechet_distance(f_x, f_real))
 
 
-def fd_ratio_ci(groups: list, f_real: torch.Tensor, seed: int) -> list:
+def fd_ratio_ci(groups: list, f_real: torch.Tensor, seed: int, n_boot: int = 400) -> list:
     """FD(x) / FD(base), averaged over pairs and over training seeds, [ratio, low, high]. groups: one
     list per training seed of (f_x, f_base) pairs drawn from the same noise. The bootstrap resamples
     the seeds (with replacement), then the samples of each drawn seed, shared by all its pairs (the
@@ -320,7 +321,7 @@ def fd_ratio_ci(groups: list, f_real: torch.Tensor, seed: int) -> list:
 
     estimate = sum(ratio(group) for group in groups) / len(groups)
     boot = []
-    for _ in range(N_BOOT):
+    for _ in range(n_boot):
         drawn = [groups[j] for j in torch.randint(len(groups), (len(groups),), generator=g)]
         boot.append(sum(ratio(gr, torch.randint(len(gr[0][0]), (len(gr[0][0]),), generator=g))
                         for gr in drawn) / len(drawn))
@@ -425,8 +426,9 @@ def sweep_switches(cfg, small, large, noise, y, f_of, f_real, device) -> tuple[l
     f_large, rows = f_of(samples[1.0]), []
     for s in tqdm(SWITCHES, desc="coarse-to-fine FD", leave=False):
         f_x = f_of(samples[s])
-        rows.append(dict(switch_t=s, small_steps=step_split(cfg.sample_steps, s)[0], fd=fd_ci(f_x, f_real, cfg.seed),
-                         fd_ratio=fd_ratio_ci([[(f_x, f_large)]], f_real, cfg.seed),
+        rows.append(dict(switch_t=s, small_steps=step_split(cfg.sample_steps, s)[0],
+                         fd=fd_ci(f_x, f_real, cfg.seed, cfg.n_boot),
+                         fd_ratio=fd_ratio_ci([[(f_x, f_large)]], f_real, cfg.seed, cfg.n_boot),
                          cos_to_large=paired_cosine(f_x, f_large).mean().item(), seconds=median[s],
                          speedup=median[1.0] / median[s],
                          speedup_cost_model=cost_model_speedup(cfg.sample_steps, s, t_large, t_small)))
@@ -569,17 +571,17 @@ def run(cfg: Config) -> dict:
     guided = {n: sample_labels(models[n], y, cfg.sample_steps, cfg.cfg_scale, cfg.seed + 1)
               for n in tqdm(sorted({m for a, b, _ in PAIRS.values() for m in (a, b)}), desc="with CFG", leave=False)}
     real = real_spread(held_out.images, held_out.labels, cfg.seed)
-    stab, stab_cfg = ({p: stability_metrics(ev, x[a], x[b], y, real, cfg.seed) for p, (a, b, _) in PAIRS.items()}
-                      for x in (plain, guided))
+    stab, stab_cfg = ({p: stability_metrics(ev, x[a], x[b], y, real, cfg.seed, cfg.n_boot)
+                       for p, (a, b, _) in PAIRS.items()} for x in (plain, guided))
     f = {n: ev.features(x) for n, x in plain.items()}
-    model_fd = {n: fd_ci(fn, f_real, cfg.seed) for n, fn in tqdm(f.items(), desc="FD", leave=False)}
+    model_fd = {n: fd_ci(fn, f_real, cfg.seed, cfg.n_boot) for n, fn in tqdm(f.items(), desc="FD", leave=False)}
     f["reference_s2"] = f["other_seed"]  # the reference's second training seed
 
     def worst(s, names):  # the gate's statistic: the larger upper end of the two ratios, worst pair
         return max(max(s[n]["mse_ratio"][2], s[n]["position_ratio"][2]) for n in names)
 
     def vs(a, b):  # FD(a) / FD(b) over the two training seeds, each seed's models from the same noise
-        return fd_ratio_ci([[(f[a], f[b])], [(f[f"{a}_s2"], f[f"{b}_s2"])]], f_real, cfg.seed)
+        return fd_ratio_ci([[(f[a], f[b])], [(f[f"{a}_s2"], f[f"{b}_s2"])]], f_real, cfg.seed, cfg.n_boot)
 
     results = dict(
         stability=stab, stability_cfg=stab_cfg,
@@ -588,7 +590,7 @@ def run(cfg: Config) -> dict:
         official_cosine={k: {p: s[f"{k}_cos"] for p, s in stab.items()} for k in ("paired", "permuted")},
         real_spread=real, model_fd=model_fd,
         pruning=dict(half_data=fd_ratio_ci([[(f["half_A"], f["reference"]), (f["half_B"], f["reference"])],
-                                            [(f["half_A_s2"], f["other_seed"])]], f_real, cfg.seed),
+                                            [(f["half_A_s2"], f["other_seed"])]], f_real, cfg.seed, cfg.n_boot),
                      nearest_vs_random=vs("nearest_25", "random_25"), furthest_vs_random=vs("furthest_25", "random_25"),
                      random_25_vs_full=vs("random_25", "reference")),
         fd_real_vs_real=frechet_distance(ev.features(data_mod.load("shapes", cfg.n_samples, 16, cfg.seed + 1,
