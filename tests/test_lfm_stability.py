@@ -223,9 +223,13 @@ def class_placed(n=90, jitter=0.3, seed=0):
 def test_unrelated_partners_share_the_label_in_the_metric_and_in_the_real_spread():
     """With the class setting the place, same-class unrelated pairs are ~2 px apart and any-class pairs
     ~7 px: the within-class baseline (ours) and the all-samples permutation (the official cosine) differ."""
+    class PlaceEvaluator(FakeEvaluator):  # features that see where the shape is
+        def features(self, x):
+            return torch.cat([lfm.shape_attributes(x)[:, :2], torch.ones(len(x), 1)], 1)
+
     y, x = class_placed()
     _, x2 = class_placed(seed=1)
-    m = lfm.stability_metrics(FakeEvaluator(), x, x2, y, REAL, seed=0)
+    m = lfm.stability_metrics(PlaceEvaluator(), x, x2, y, REAL, seed=0)
     assert m["unrelated_position_err"] < 3.0  # partners of another class would be ~7 px away
     perm = lfm.shuffle_within_class(y, torch.Generator().manual_seed(0))
     expected = (lfm.shape_attributes(x)[:, :2] - lfm.shape_attributes(x2)[perm, :2]).norm(dim=1).mean()
