@@ -92,6 +92,9 @@ def test_ratio_ci_is_the_ratio_of_means_and_covers_the_truth():
         == pytest.approx(4 / 1.6)  # mean/mean = 2.5; the mean of the ratios would be 3
     r = ratio_ci(num, num / 2, 200, seed=1)
     assert r[1] == pytest.approx(2.0) and r[2] == pytest.approx(2.0)  # paired: every resample has ratio 2
+    den = 0.1 + 1.9 * torch.rand(400, generator=g)  # E[1 / den] ~ 1.58, but 1 / E[den] ~ 0.95
+    est, lo, hi = ratio_ci(torch.ones(400), den, 300, seed=3)
+    assert lo < est < hi < 1.2  # the resamples are ratios of means too
     covered = 0
     for _ in range(40):
         den = torch.rand(200, generator=g) + 0.5
