@@ -616,7 +616,7 @@ def run(cfg: Config) -> dict:
     fig, ax = plt.subplots(figsize=(0.42 * len(rows[0]) + 1.8, 0.42 * len(rows) + 0.45))
     ax.imshow(grid(torch.cat(rows), nrow=len(rows[0])).numpy(), interpolation="nearest")
     ax.set_yticks([(r + 0.5) * 17 for r in range(len(rows))], [w for _, w in GRID_ROWS], fontsize=8)
-    ax.set(xticks=[], title="the same noise (one column each) through each model (one row each), no guidance")
+    ax.set(xticks=[], title="same noise per column, one model per row, no guidance")
     save(fig, out / "fig_stability_grid.png")
     plot_c2f(c2f, out / "fig_c2f.png")
 
