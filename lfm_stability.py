@@ -26,9 +26,8 @@ Convention (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, E
     t_split = 0.7 (the official wrapper runs the coarse model while t_theirs < 0.7) is
     switch_t = 0.3 here: the small model runs while t > 0.3, the large one from 0.3 to 0.
 
-Regime. The headline is unguided (CFG 1), as the paper's unconditional datasets and its released
-    coarse-to-fine sampler are; guidance (CFG 4, on every channel) is a second row. Every ratio has
-    a 95% bootstrap interval, and a claim is decided by its interval, not its point value.
+Regime. Unguided (CFG 1) as the unconditional datasets and the released coarse-to-fine sampler;
+    CFG 4 on every channel is a second row. Claims are decided by 95% bootstrap intervals.
 
 Run
     python lfm_stability.py                    # cpu preset, 2 CPU cores: see docs/lfm_stability.md
@@ -61,13 +60,11 @@ from common.train import EMA, load_or_train, make_optimizer, optimizer_step
 
 @dataclasses.dataclass
 class Config(BaseConfig):
-    model: str = field("xs", "TinyDiT size of the reference and of every data / seed perturbation",
-                       choices=tuple(SIZES))
-    small_width: int = field(32, "width of the small (coarse) network: one block, patch 4; the large one is the "
-                                 "base model, 4 blocks of width 96", min=16)
+    model: str = field("xs", "TinyDiT size of the reference and of every data / seed model", choices=tuple(SIZES))
+    small_width: int = field(64, "width of the small (coarse) network: one block, MLP ratio 1, patch 4; at least "
+                                 "the 48 values of a patch (the large one: 4 blocks of width 96)", min=48)
     small_steps: int = field(4800, "optimizer steps of the small network (cheap per step; trained longer)")
-    large: str = field("cpu", "common.pretrain preset of the large (fine) model: the cached base model",
-                       choices=tuple(pretrain.PRESETS))
+    large: str = field("cpu", "common.pretrain preset of the large (fine) model", choices=tuple(pretrain.PRESETS))
     steps: int = field(2400, "optimizer steps of every data / seed model (one recipe: about 55 s each for xs)")
     batch: int = field(64, "batch size of every trained model")
     lr: float = field(2e-3, "AdamW learning rate (the base model's)")
@@ -86,8 +83,7 @@ class Config(BaseConfig):
         if self.clusters > self.n_train:
             raise UserError(f"--clusters {self.clusters} cannot exceed the {self.n_train} training images")
         if self.n_samples < 2 * N_CLASSES:
-            raise UserError(f"--n-samples {self.n_samples} must be >= {2 * N_CLASSES}: unrelated pairs need two "
-                            f"samples of each of the {N_CLASSES} classes")
+            raise UserError(f"--n-samples {self.n_samples} must be >= {2 * N_CLASSES}: two samples per class")
         if self.time_batch > self.n_samples or self.n_samples % self.time_batch:
             raise UserError(f"--time-batch {self.time_batch} must divide --n-samples {self.n_samples}")
 
@@ -96,7 +92,7 @@ PRESETS = {
     "smoke": dict(steps=10, small_steps=10, batch=16, n_train=720, clusters=6, n_samples=36, sample_steps=4,
                   large="smoke", time_batch=12, eval_steps=20, n_boot=20),
     "cpu": dict(),
-    "gpu": dict(model="s", small_width=64, large="gpu", steps=4000, small_steps=12000, batch=256, n_samples=4608,
+    "gpu": dict(model="s", large="gpu", steps=4000, small_steps=12000, batch=256, n_samples=4608,
                 sample_steps=60, time_batch=768, eval_steps=600),
 }
 N_CLASSES = len(data_mod.SHAPES) * len(data_mod.COLOURS)  # 9 shapes classes
@@ -104,17 +100,12 @@ PAPER_SWITCH = 0.3  # the official t_split = 0.7 with noise at 0 (see the paper 
 SWITCHES = (1.0, 0.7, 0.5, 0.4, PAPER_SWITCH, 0.2, 0.0)  # 1: the large model alone, 0: the small one alone
 GATE = 0.5  # a pair is "nearly the same image" when its paired error is at most half the unrelated one
 P_UNCOND = 0.1  # CFG dropout of the shared recipe (common/pretrain.py's)
-# pair name -> (model a, model b): same noise and labels through both
-PAIRS = {"half_A": ("reference", "half_A", "random half A vs all"), "half_B": ("reference", "half_B", "half B vs all"),
-         "halves": ("half_A", "half_B", "half A vs disjoint half B"),
-         "random_25": ("reference", "random_25", "random quarter vs all"),
-         "nearest_25": ("reference", "nearest_25", "nearest quarter vs all"),
-         "furthest_25": ("reference", "furthest_25", "furthest quarter vs all"),
-         "other_seed": ("reference", "other_seed", "another seed vs all"),
-         "small": ("large", "small", "small vs large")}
-GRID_ROWS = (("reference", "all the data"), ("half_A", "random half A"), ("half_B", "half B"), ("random_25", "random "
-             "quarter"), ("nearest_25", "nearest quarter"), ("furthest_25", "furthest quarter"),
-             ("other_seed", "another seed"), ("large", "large model"), ("small", "small model"))
+WORDS = {"reference": "all the data", "half_A": "random half A", "half_B": "half B", "random_25": "random quarter",
+         "nearest_25": "nearest quarter", "furthest_25": "furthest quarter", "other_seed": "another seed",
+         "large": "large model", "small": "small model"}  # plain words for figures and tables
+PAIRS = {"half_A": ("reference", "half_A"), "half_B": ("reference", "half_B"), "halves": ("half_A", "half_B"),
+         **{n: ("reference", n) for n in ("random_25", "nearest_25", "furthest_25", "other_seed")},
+         "small": ("large", "small")}  # pair name -> (model a, model b): the same noise and labels through both
 DATA_PAIRS = tuple(PAIRS)[:-1]  # the data / seed pairs; "small" is the network pair
 
 
@@ -122,11 +113,9 @@ DATA_PAIRS = tuple(PAIRS)[:-1]  # the data / seed pairs; "small" is the network 
 
 
 def shape_attributes(x: torch.Tensor) -> torch.Tensor:
-    """Position and size of the shape in each image, from pixels alone (the paper's DINOv2 / ArcFace
-    read the identity; here the noise decides where the shape sits and how big it is). A pixel's lit
-    weight is its brightest channel mapped from [-1, 1] to [0, 1], 0 below 0.1 (a sampler's dim
-    background must not pull the centroid). x: (B, C, S, S) -> (B, 3): centroid column and row
-    (pixels, pixel centres at i + 0.5), lit area (pixels)."""
+    """Where the shape sits and how big it is (what the noise decides here), from pixels: a pixel's lit
+    weight is its brightest channel mapped to [0, 1], 0 below 0.1 (a dim background must not pull the
+    centroid). x: (B, C, S, S) -> (B, 3): centroid column and row (px, centres at i + 0.5), lit area."""
     lit = ((x.float().amax(1) + 1) / 2).clamp(0, 1)  # (B, S, S)
     lit = torch.where(lit > 0.1, lit, 0.0)
     centres = torch.arange(x.shape[-1], dtype=torch.float32) + 0.5
@@ -138,8 +127,8 @@ def shape_attributes(x: torch.Tensor) -> torch.Tensor:
 
 
 def shuffle_within_class(y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A permutation that sends every index to another index of the same label (a cyclic shift of a
-    shuffled class): the "unrelated" partner shares the label but not the noise."""
+    """Every index to another of the same label (a cyclic shift of a shuffled class): the "unrelated"
+    partner shares the label but not the noise."""
     perm = torch.arange(len(y))
     for c in y.unique():
         members = (y == c).nonzero().flatten()
@@ -164,22 +153,17 @@ def real_spread(images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict:
 
 def stability_metrics(ev, x_a: torch.Tensor, x_b: torch.Tensor, y: torch.Tensor, real: dict, seed: int,
                       n_boot: int = 400) -> dict:
-    """Same-noise pairs (x_a[i], x_b[i]) against unrelated pairs (x_a[i], x_b[perm[i]]): partners of
-    the same label and other noise, so each statistic has its own chance level. Each ratio is
-    paired / unrelated with its interval ([value, low, high]; 1: chance, 0: the same image) and
-    paired / the real data's spread (`real`, from `real_spread`). The official measure sits beside
-    them: the paired feature cosine against a permutation over all samples. x_a, x_b: (B, C, S, S)
-    from the same noise and labels y (B,)."""
+    """Same-noise pairs (x_a[i], x_b[i]) against unrelated pairs (x_a[i], x_b[perm[i]]): the same label,
+    other noise. Each ratio is paired / unrelated, [value, low, high] (1: chance, 0: the same image),
+    and paired / the real spread (`real`). Beside them the official measure: the paired feature cosine
+    against a permutation over all samples. x_a, x_b: (B, C, S, S) from the same noise and labels y."""
     g = torch.Generator().manual_seed(seed)
     same_class, any_class = shuffle_within_class(y, g), torch.randperm(len(y), generator=g)
     paired, unrelated = errors(x_a, x_b), errors(x_a, x_b[same_class])
     f_a, f_b = ev.features(x_a), ev.features(x_b)  # (B, F): the DINOv2 stand-in
-    lab_a, lab_b = ev.logits(x_a).argmax(1), ev.logits(x_b).argmax(1)
     m = dict(paired_cos=paired_cosine(f_a, f_b).mean().item(),
              permuted_cos=paired_cosine(f_a, f_b[any_class]).mean().item(),  # the official "unrelated"
-             unrelated_cos=paired_cosine(f_a, f_b[same_class]).mean().item(),
-             label_agreement=(lab_a == lab_b).float().mean().item(),
-             unrelated_label_agreement=(lab_a == lab_b[same_class]).float().mean().item())
+             unrelated_cos=paired_cosine(f_a, f_b[same_class]).mean().item())
     for k in ("mse", "position", "size"):
         m[f"{k}_err"], m[f"unrelated_{k}_err"] = paired[k].mean().item(), unrelated[k].mean().item()
         m[f"{k}_ratio"] = ratio_ci(paired[k], unrelated[k], n_boot, seed)
@@ -190,9 +174,8 @@ def stability_metrics(ev, x_a: torch.Tensor, x_b: torch.Tensor, y: torch.Tensor,
 
 
 def gate(m: dict) -> str:
-    """The stability gate, decided by intervals: "holds" when the upper ends of the pixel-MSE ratio
-    and of the position ratio are both <= GATE, "fails" when the lower end of either is above it,
-    otherwise "undecided"."""
+    """The gate by intervals: "holds" when the upper ends of the MSE and position ratios are both <= GATE,
+    "fails" when the lower end of either is above it, otherwise "undecided"."""
     if m["mse_ratio"][2] <= GATE and m["position_ratio"][2] <= GATE:
         return "holds"
     return "fails" if max(m["mse_ratio"][1], m["position_ratio"][1]) > GATE else "undecided"
@@ -202,10 +185,9 @@ def gate(m: dict) -> str:
 
 
 def spherical_kmeans(f: torch.Tensor, k: int, seed: int, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-means on the unit sphere (cosine similarity), as the official cluster_features.py: rows are
-    L2-normalised, each is assigned to the centre of highest cosine, each centre is the normalised
-    mean of its members. Seeded by k-means++ (on the sphere 1 - cos is half the squared distance).
-    f: (N, F) -> (cluster of each row (N,), unit centres (k, F))."""
+    """k-means on the unit sphere, as the official cluster_features.py: rows L2-normalised, each assigned
+    to the centre of highest cosine, each centre the normalised mean of its members; k-means++ seeds
+    (on the sphere 1 - cos is half the squared distance). f: (N, F) -> (cluster (N,), centres (k, F))."""
     f = F.normalize(f.float(), dim=1)
     g = torch.Generator().manual_seed(seed)
     centres = f[torch.randint(len(f), (1,), generator=g)]
@@ -226,8 +208,7 @@ def spherical_kmeans(f: torch.Tensor, k: int, seed: int, iters: int = 100) -> tu
 
 
 def equal_shares(sizes: torch.Tensor, n: int) -> torch.Tensor:
-    """How many to keep per cluster: n in total, as equal as possible, never more than a cluster
-    holds (water filling: a small cluster is kept whole, its deficit spread over the others)."""
+    """How many to keep per cluster: n in all, as equal as possible, at most a cluster's size (water filling)."""
     if n > int(sizes.sum()):
         raise UserError(f"cannot keep {n} of {int(sizes.sum())} images")
     quota = torch.zeros_like(sizes)
@@ -245,9 +226,8 @@ def equal_shares(sizes: torch.Tensor, n: int) -> torch.Tensor:
 
 def balanced_subset(f: torch.Tensor, cluster: torch.Tensor, centres: torch.Tensor, n: int,
                     nearest: bool) -> torch.Tensor:
-    """The official equal_cluster: equal shares per cluster, and within a cluster the members nearest
-    to its centre (largest=False) or furthest from it (largest=True). f: (N, F), cluster: (N,),
-    centres: (k, F) -> n sorted indices; a smaller n keeps a subset of a larger one."""
+    """The official equal_cluster: equal shares per cluster, in each the members nearest to its centre
+    (largest=False) or furthest (largest=True). -> n sorted indices; a smaller n keeps a subset."""
     quota = equal_shares(torch.bincount(cluster, minlength=len(centres)), n)
     cos = (F.normalize(f.float(), dim=1) * centres[cluster]).sum(1)  # (N,): similarity to the own centre
     keep = []
@@ -268,9 +248,8 @@ def random_subset(n_total: int, frac: float, seed: int) -> torch.Tensor:
 
 
 def switched_velocity(small, large, y: torch.Tensor, switch_t: float, scale: float = 1.0):
-    """The official CoarseFineModel as a velocity: the small model while t > switch_t (the paper's
-    t_theirs < t_split), the large one from there to t = 0. One model per Euler step, picked by the
-    step's start time."""
+    """The official CoarseFineModel as a velocity: the small model while t > switch_t (t_theirs < t_split),
+    the large one from there to t = 0; one model per Euler step, picked by the step's start time."""
     v_small = cfg_velocity(small, y, scale, small.null_label)
     v_large = cfg_velocity(large, y, scale, large.null_label)
     return lambda x, t: v_small(x, t) if float(t[0]) > switch_t + 1e-6 else v_large(x, t)
@@ -278,14 +257,12 @@ def switched_velocity(small, large, y: torch.Tensor, switch_t: float, scale: flo
 
 def coarse_to_fine(small, large, noise: torch.Tensor, y: torch.Tensor, steps: int, switch_t: float,
                    scale: float = 1.0) -> torch.Tensor:
-    """Euler on one `steps`-step grid from t = 1 with the switched velocity. switch_t = 1 is the
-    large model alone, 0 the small one alone. noise: (B, C, S, S) at t = 1 -> samples at t = 0."""
+    """Euler on one grid with the switched velocity (switch_t = 1: large alone, 0: small alone)."""
     return euler(switched_velocity(small, large, y, switch_t, scale), noise, steps)
 
 
 def step_split(steps: int, switch_t: float) -> tuple[int, int]:
-    """(small-model steps, large-model steps) of a `steps`-step grid switched at switch_t: the grid
-    times t_i = 1 - i / steps above the switch are the small model's."""
+    """(small-model, large-model) steps: grid times t_i = 1 - i / steps above the switch are the small's."""
     n_small = sum(1 - i / steps > switch_t + 1e-6 for i in range(steps))
     return n_small, steps - n_small
 
@@ -300,8 +277,7 @@ def cost_model_speedup(steps: int, switch_t: float, t_large: float, t_small: flo
 
 
 def fd_ci(f_x: torch.Tensor, f_real: torch.Tensor, seed: int, n_boot: int = 400) -> list:
-    """Evaluator FD (FID stand-in) of samples to the real features, [FD, low, high]: the samples are
-    resampled, the real set stays fixed (one set for every model compared). f_*: (B, F)."""
+    """Evaluator FD (FID stand-in) to the real features, [FD, low, high]: samples resampled, real set fixed."""
     g = torch.Generator().manual_seed(seed)
     boot = torch.tensor([frechet_distance(f_x[torch.randint(len(f_x), (len(f_x),), generator=g)], f_real)
                          for _ in range(n_boot)])
@@ -309,10 +285,9 @@ def fd_ci(f_x: torch.Tensor, f_real: torch.Tensor, seed: int, n_boot: int = 400)
 
 
 def fd_ratio_ci(groups: list, f_real: torch.Tensor, seed: int, n_boot: int = 400) -> list:
-    """FD(x) / FD(base), averaged over pairs and over training seeds, [ratio, low, high]. groups: one
-    list per training seed of (f_x, f_base) pairs drawn from the same noise. The bootstrap resamples
-    the seeds (with replacement), then the samples of each drawn seed, shared by all its pairs (the
-    same noise): seed-to-seed spread and sample noise both enter the interval."""
+    """FD(x) / FD(base) averaged over pairs and training seeds, [ratio, low, high]. groups: per training
+    seed a list of (f_x, f_base) from the same noise. The bootstrap resamples the seeds, then the samples
+    of each drawn seed (shared by its pairs): seed-to-seed spread and sample noise both enter."""
     g = torch.Generator().manual_seed(seed)
 
     def ratio(group, i=None):
@@ -331,22 +306,16 @@ def fd_ratio_ci(groups: list, f_real: torch.Tensor, seed: int, n_boot: int = 400
 # %% the experiment: one training recipe for every model, cached by what trained it
 
 
-def make_net(cfg, data, small: bool) -> TinyDiT:
-    arch = dict(SIZES[cfg.model], patch=4)
-    if small:  # one block, narrower: the paper's DiT-S/2 next to XL/2, in miniature
-        arch.update(width=cfg.small_width, depth=1, heads=max(1, cfg.small_width // 16))
-    return TinyDiT(img_size=data.size, channels=data.channels, n_classes=data.n_classes, **arch)
-
-
 def train(cfg, device, name: str, data, data_key: str, seed: int, small: bool = False) -> tuple[TinyDiT, dict]:
-    """A class-conditional TinyDiT trained on `data` with the base model's recipe (flow matching, 10%
-    CFG dropout, logit-normal t, EMA); `data_key` names the data in the checkpoint key."""
-    steps = cfg.small_steps if small else cfg.steps
+    """A TinyDiT trained on `data` with the base model's recipe (10% CFG dropout, logit-normal t, EMA)."""
+    steps, arch = (cfg.small_steps if small else cfg.steps), dict(SIZES[cfg.model], patch=4)
+    if small:  # one block, narrow MLP: the paper's DiT-S/2 next to XL/2, in miniature
+        arch.update(width=cfg.small_width, depth=1, heads=max(1, cfg.small_width // 16), mlp_ratio=1)
     torch.manual_seed(seed)  # the weight init
-    net = make_net(cfg, data, small)
+    net = TinyDiT(img_size=data.size, channels=data.channels, n_classes=data.n_classes, **arch)
     key = dict(kind="lfm_stability", version=3, data_version=data_mod.VERSION, model_version=dit.VERSION,
                data_key=data_key, n=len(data.images), steps=steps, batch=cfg.batch, lr=cfg.lr, seed=seed,
-               small=cfg.small_width if small else None, model=cfg.model)
+               small=f"w{cfg.small_width}-d1-mlp1" if small else None, model=cfg.model)
 
     def fit(net):
         net.to(device).train()
@@ -373,7 +342,7 @@ def train(cfg, device, name: str, data, data_key: str, seed: int, small: bool = 
 
 
 def model_specs(cfg, feats: torch.Tensor, cluster: torch.Tensor, centres: torch.Tensor) -> dict:
-    """name -> (training indices, data key, seed). Two training seeds of the full data, a random half
+    """name -> (training indices, data key, seed): two training seeds of the full data, a random half
     and the random / nearest / furthest quarters; half B (the other half) with the first seed."""
     n, order = len(cluster), cfg.seed + 101  # order: the seed of the random order
     half_a = random_subset(n, 0.5, order)
@@ -393,10 +362,8 @@ def model_specs(cfg, feats: torch.Tensor, cluster: torch.Tensor, centres: torch.
 
 
 def time_round_robin(samplers: dict, noise: torch.Tensor, y: torch.Tensor, chunk: int, device) -> tuple[dict, dict]:
-    """Time every sampler on the same chunks, round-robin: round r takes chunk r of the images and
-    calls every sampler once, in an order rotated by r, so slow drift of the machine hits all alike;
-    one untimed warm-up call each first. samplers: name -> sample(noise, y).
-    -> ({name: all samples on the CPU}, {name: [seconds per round]})."""
+    """Round r times every sampler once on chunk r, in an order rotated by r (drift hits all alike), after
+    one untimed warm-up call each. -> ({name: all samples on the CPU}, {name: [seconds per round]})."""
     names, sync = list(samplers), (torch.cuda.synchronize if device.type == "cuda" else lambda: None)
     for name in names:
         samplers[name](noise[:2].to(device), y[:2].to(device))
@@ -414,9 +381,8 @@ def time_round_robin(samplers: dict, noise: torch.Tensor, y: torch.Tensor, chunk
 
 
 def sweep_switches(cfg, small, large, noise, y, f_of, f_real, device) -> tuple[list, dict]:
-    """The coarse-to-fine sweep, unguided (as the released sampler): per switch the FD with its
-    interval, the FD ratio to the large model alone (paired: the same noise), the cosine to the large
-    model's images, and the measured and the predicted speed-up."""
+    """The coarse-to-fine sweep, unguided like the released sampler: per switch the FD, the paired FD
+    ratio to the large model alone, the cosine to its images, the measured and predicted speed-up."""
     samplers = {s: (lambda nb, yb, s=s: coarse_to_fine(small, large, nb, yb, cfg.sample_steps, s))
                 for s in SWITCHES}
     samples, seconds = time_round_robin(samplers, noise, y, cfg.time_batch, device)
@@ -425,11 +391,10 @@ def sweep_switches(cfg, small, large, noise, y, f_of, f_real, device) -> tuple[l
     f_large, rows = f_of(samples[1.0]), []
     for s in tqdm(SWITCHES, desc="coarse-to-fine FD", leave=False):
         f_x = f_of(samples[s])
-        rows.append(dict(switch_t=s, small_steps=step_split(cfg.sample_steps, s)[0],
-                         fd=fd_ci(f_x, f_real, cfg.seed, cfg.n_boot),
+        rows.append(dict(switch_t=s, small_steps=step_split(cfg.sample_steps, s)[0], seconds=median[s],
+                         fd=fd_ci(f_x, f_real, cfg.seed, cfg.n_boot), speedup=median[1.0] / median[s],
                          fd_ratio=fd_ratio_ci([[(f_x, f_large)]], f_real, cfg.seed, cfg.n_boot),
-                         cos_to_large=paired_cosine(f_x, f_large).mean().item(), seconds=median[s],
-                         speedup=median[1.0] / median[s],
+                         cos_to_large=paired_cosine(f_x, f_large).mean().item(),
                          speedup_cost_model=cost_model_speedup(cfg.sample_steps, s, t_large, t_small)))
     return rows, dict(samples=samples, t_large=t_large, t_small=t_small)
 
@@ -458,14 +423,10 @@ def make_claims(r: dict) -> list:
               "FD(random 50%) / FD(full) over 2 training seeds: the interval's lower end <= 1",
               lambda v: v <= 1.0, f"ratio {r['pruning']['half_data'][0]:.2f}, upper end "
                                   f"{r['pruning']['half_data'][2]:.2f}"),
-        claim("balanced clustering (nearest members) beats random pruning at 25%",
-              "75% of ImageNet pruned with balanced clustering", "pruning.nearest_vs_random.2",
-              "FD nearest / random over 2 training seeds: the interval's upper end < 1", lambda v: v < 1.0,
-              "the clusters are the classes here: class-balanced typicality selection"),
-        claim("balanced clustering (furthest members) beats random pruning at 25%",
-              "75% of ImageNet pruned with balanced clustering", "pruning.furthest_vs_random.2",
-              "FD furthest / random over 2 training seeds: the interval's upper end < 1", lambda v: v < 1.0,
-              "the official equal_cluster's default (largest=True)"),
+        *(claim(f"balanced clustering ({k} members) beats random pruning at 25%", "75% of ImageNet pruned with "
+                "balanced clustering", f"pruning.{k}_vs_random.2", f"FD {k} / random over 2 training seeds: the "
+                "interval's upper end < 1", lambda v: v < 1.0, "here the clusters are the classes: class-balanced "
+                "selection of typical (nearest) or atypical (furthest) images") for k in ("nearest", "furthest")),
         claim("the small network is really small: >= 10x cheaper per step, worse alone",
               "DiT-S/2 vs XL/2, about 20x in cost", "cost_ratio_per_step",
               "measured cost ratio >= 10 and the FD intervals of small and large alone do not overlap",
@@ -481,20 +442,18 @@ def make_claims(r: dict) -> list:
 # %% figures
 
 
-def save(fig, path) -> None:
+def save(fig, path) -> None:  # one PNG per figure
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def fig_method(out, small, large, noise, y, steps: int, switch_t: float) -> dict:
-    """One noise through the large model, the small one and coarse-to-fine: the clean image each heads
-    for along its trajectory (x_0 = x_t - t v: the path is straight), and how far the small path
-    drifts from the large one. -> the distances drawn, for results.json."""
+    """One noise through the large model, the small one and coarse-to-fine: the clean image each heads for
+    (x_0 = x_t - t v, the path is straight), and each path's distance to the large one's (returned)."""
     paths = {"large model alone": 1.0, "small model alone": 0.0, f"small, then large from t = {switch_t:g}": switch_t}
     ts = torch.linspace(1, 0, steps + 1).tolist()
-    traj, preds = {}, {}
-    dev = next(large.parameters()).device
+    traj, preds, dev = {}, {}, next(large.parameters()).device
     for label, s in paths.items():
         v = switched_velocity(small, large, y.to(dev), s)
         traj[label] = euler(v, noise.to(dev), steps, return_trajectory=True)[1]  # (S + 1, B, C, H, W) on the CPU
@@ -506,7 +465,7 @@ def fig_method(out, small, large, noise, y, steps: int, switch_t: float) -> dict
     dist = {label: (traj[label] - traj["large model alone"]).pow(2).flatten(2).mean(2).sqrt().mean(1).tolist()
             for label in paths}
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw=dict(width_ratios=[1.5, 1]))
-    S = noise.shape[-1]
+    S = noise.shape[-1]  # image side
     a0.imshow(grid(torch.cat(rows), nrow=len(cols)).numpy(), interpolation="nearest")
     a0.set_xticks([(j + 0.5) * (S + 1) for j in range(len(cols))], [f"{ts[i]:.2g}" for i in cols])
     a0.set_yticks([(r + 0.5) * (S + 1) for r in range(len(rows))], [*paths, *paths], fontsize=7)
@@ -534,8 +493,8 @@ def plot_c2f(c2f: list, path) -> None:
     ax2.plot(ts, [r["speedup"] for r in c2f], "s-", color="C1", ms=3, label="speed-up, measured")
     ax2.plot(ts, [r["speedup_cost_model"] for r in c2f], "--", color="C3", lw=1, label="speed-up, cost model")
     ax2.set_ylabel("speed-up over the large model alone", color="C1")
-    ax.legend(handles=ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0], fontsize=7)
-    ax.set_title("coarse-to-fine, unguided: small model first, large model last", fontsize=9)
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0], fontsize=7,
+              title="coarse-to-fine, unguided: small model first, large model last", title_fontsize=8)
     save(fig, path)
 
 
@@ -560,20 +519,18 @@ def run(cfg: Config) -> dict:
     models["small"], info["small"] = train(cfg, device, "small", data, f"full{cfg.n_train}", cfg.seed, small=True)
     models["large"], _ = pretrain.base_model(pretrain.Config(**pretrain.PRESETS[cfg.large], seed=cfg.seed), device)
 
-    # Same noise and labels through every model (sample_labels draws the noise from the seed on the
-    # CPU); the large and small models' unguided samples are the timed sweep's ends.
+    # Same noise and labels through every model; the large and small ones' unguided samples: the sweep's ends.
     y = torch.arange(cfg.n_samples) % data.n_classes  # balanced labels
-    noise = seeded_noise(cfg.n_samples, data.channels, data.size, cfg.seed + 1)
-    f_real = ev.features(held_out.images)
+    noise, f_real = seeded_noise(cfg.n_samples, data.channels, data.size, cfg.seed + 1), ev.features(held_out.images)
     c2f, sweep = sweep_switches(cfg, models["small"], models["large"], noise, y, ev.features, f_real, device)
     plain = {n: sample_labels(m, y, cfg.sample_steps, 1.0, cfg.seed + 1) for n, m in
              tqdm(models.items(), desc="sampling", leave=False) if n not in ("small", "large")}
     plain |= {"large": sweep["samples"][1.0], "small": sweep["samples"][0.0]}
     guided = {n: sample_labels(models[n], y, cfg.sample_steps, cfg.cfg_scale, cfg.seed + 1)
-              for n in tqdm(sorted({m for a, b, _ in PAIRS.values() for m in (a, b)}), desc="with CFG", leave=False)}
+              for n in tqdm(sorted({m for pair in PAIRS.values() for m in pair}), desc="with CFG", leave=False)}
     real = real_spread(held_out.images, held_out.labels, cfg.seed)
     stab, stab_cfg = ({p: stability_metrics(ev, x[a], x[b], y, real, cfg.seed, cfg.n_boot)
-                       for p, (a, b, _) in PAIRS.items()} for x in (plain, guided))
+                       for p, (a, b) in PAIRS.items()} for x in (plain, guided))
     f = {n: ev.features(x) for n, x in plain.items()}
     model_fd = {n: fd_ci(fn, f_real, cfg.seed, cfg.n_boot) for n, fn in tqdm(f.items(), desc="FD", leave=False)}
     f["reference_s2"] = f["other_seed"]  # the reference's second training seed
@@ -612,10 +569,10 @@ def run(cfg: Config) -> dict:
     results["claims"] = make_claims(results)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     save_json(out / "results.json", results)
-    rows = [plain[n][:12] for n, _ in GRID_ROWS]
+    rows = [plain[n][:12] for n in WORDS]
     fig, ax = plt.subplots(figsize=(0.42 * len(rows[0]) + 1.8, 0.42 * len(rows) + 0.45))
     ax.imshow(grid(torch.cat(rows), nrow=len(rows[0])).numpy(), interpolation="nearest")
-    ax.set_yticks([(r + 0.5) * 17 for r in range(len(rows))], [w for _, w in GRID_ROWS], fontsize=8)
+    ax.set_yticks([(r + 0.5) * 17 for r in range(len(rows))], list(WORDS.values()), fontsize=8)
     ax.set(xticks=[], title="same noise per column, one model per row, no guidance")
     save(fig, out / "fig_stability_grid.png")
     plot_c2f(c2f, out / "fig_c2f.png")
@@ -623,14 +580,12 @@ def run(cfg: Config) -> dict:
     def ci(v):
         return f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
 
-    print_table([(w, ci(model_fd[a]), ci(model_fd[b]), ci(stab[p]["mse_ratio"]), ci(stab[p]["position_ratio"]),
-                  stab[p]["real_position_ratio"], stab[p]["paired_cos"], stab[p]["permuted_cos"], stab[p]["verdict"],
-                  ci(stab_cfg[p]["position_ratio"]), stab_cfg[p]["verdict"]) for p, (a, b, w) in PAIRS.items()],
+    print_table([(f"{WORDS[b]} vs {WORDS[a]}", ci(model_fd[a]), ci(model_fd[b]), ci(stab[p]["mse_ratio"]),
+                  ci(stab[p]["position_ratio"]), stab[p]["real_position_ratio"], stab[p]["paired_cos"],
+                  stab[p]["permuted_cos"], stab[p]["verdict"], ci(stab_cfg[p]["position_ratio"]),
+                  stab_cfg[p]["verdict"]) for p, (a, b) in PAIRS.items()],
                 ("pair, no guidance", "FD a", "FD b", "MSE ratio", "position ratio", "pos. / real", "cos",
                  "cos permuted", "gate", "position ratio, CFG", "gate, CFG"))
-    print_table([(k, ci(v)) for k, v in results["pruning"].items()], ("\nFD ratio, 2 seeds", "value [95%]"))
-    print_table([(r["switch_t"], ci(r["fd"]), ci(r["fd_ratio"]), r["speedup"], r["speedup_cost_model"]) for r in c2f],
-                ("\nswitch t", "FD", "FD / large alone", "speed-up", "cost model"))
     print_table([(c["claim"], c["ours"], c["reproduced"]) for c in results["claims"]],
                 ("\nclaim", "ours", "reproduced"))
     print(f"seconds {results['seconds']}; wrote {out}/results.json and figures")
