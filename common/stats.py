@@ -25,6 +25,25 @@ def paired_ci(a: torch.Tensor, b: torch.Tensor, n_boot: int, seed: int) -> dict:
     return dict(mean=d.double().mean().item() if len(d) else float("nan"), ci=ci, n=len(d))
 
 
+def ratio_ci(num: torch.Tensor, den: torch.Tensor, n_boot: int, seed: int, level: float = 0.95) -> list:
+    """mean(num) / mean(den) of paired values with its percentile interval: resample the pairs i with
+    replacement n_boot times, num[i] and den[i] together. num, den: (n,) -> [ratio, low, high]."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, len(num), (n_boot, len(num)), generator=g)
+    boot = num.double()[i].mean(1) / den.double()[i].mean(1).clamp(min=1e-300)
+    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return [float(num.double().mean() / den.double().mean()), float(lo), float(hi)]
+
+
+def shifted_interval(boot: torch.Tensor, estimate: float, level: float = 0.95) -> list:
+    """[estimate, low, high] for a statistic whose resamples are biased (a Frechet distance grows with the
+    duplicates of a resample): the percentile interval of the bootstrap values moved by their bias,
+    mean(boot) - estimate, so it is centred where the estimate is."""
+    d = boot.double() - boot.double().mean()
+    lo, hi = torch.quantile(d, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return [estimate, estimate + float(lo), estimate + float(hi)]
+
+
 def sign_flip_p(d: torch.Tensor, n_perm: int, seed: int) -> float:
     """Two-sided paired permutation test of mean(d) = 0. Under the null each pair's sign is a coin flip,
     so the p-value is the share of random sign patterns whose |mean| reaches the observed |mean|

@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from common import stats
-from common.stats import bootstrap_ci, first_at_or_above, holm, levelled_off, rank_corr, sign_flip_p, trailing_mean
+from common.stats import (
+    bootstrap_ci,
+    first_at_or_above,
+    holm,
+    levelled_off,
+    rank_corr,
+    ratio_ci,
+    shifted_interval,
+    sign_flip_p,
+    trailing_mean,
+)
 
 
 def test_sign_flip_p_matches_the_full_enumeration_two_sided():
@@ -80,3 +90,32 @@ def test_paired_ci_skips_undefined_pairs_and_brackets_the_mean():
     assert r["ci"] == stats.paired_ci(a, b, 500, seed=0)["ci"] and 1.0 <= r["ci"][0] and r["ci"][1] <= 2.0
     one = stats.paired_ci(a[:1], b[:1], 500, seed=0)
     assert one["n"] == 1 and all(math.isnan(x) for x in one["ci"])
+
+
+def test_ratio_ci_is_the_ratio_of_means_and_covers_the_truth():
+    """Pairs (num, den) with a known ratio of expectations (2): the estimate is mean/mean, not the mean of
+    the ratios, the interval covers 2 in most of 40 draws, and resampling keeps num[i], den[i] together
+    (den = num / 2 exactly gives an interval of zero width)."""
+    g = torch.Generator().manual_seed(0)
+    num, den = torch.tensor([1.0, 9.0]), torch.tensor([1.0, 1.0])
+    assert ratio_ci(num, den, 100, seed=0)[0] == pytest.approx(5.0)  # the mean of the ratios would be 5 too
+    assert ratio_ci(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 3.0]) * torch.tensor([1.0, 0.2]), 100, 0)[0] \
+        == pytest.approx(4 / 1.6)  # mean/mean = 2.5; the mean of the ratios would be 3
+    r = ratio_ci(num, num / 2, 200, seed=1)
+    assert r[1] == pytest.approx(2.0) and r[2] == pytest.approx(2.0)  # paired: every resample has ratio 2
+    den = 0.1 + 1.9 * torch.rand(400, generator=g)  # E[1 / den] ~ 1.58, but 1 / E[den] ~ 0.95
+    est, lo, hi = ratio_ci(torch.ones(400), den, 300, seed=3)
+    assert lo < est < hi < 1.2  # the resamples are ratios of means too
+    covered = 0
+    for _ in range(40):
+        den = torch.rand(200, generator=g) + 0.5
+        num = 2 * den + 0.3 * torch.randn(200, generator=g)
+        _, lo, hi = ratio_ci(num, den, 300, seed=2)
+        covered += lo < 2.0 < hi
+    assert covered >= 32
+
+
+def test_shifted_interval_moves_a_biased_bootstrap_back_to_the_estimate():
+    boot = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]) + 10.0  # biased up by 10 against the estimate 3
+    est, lo, hi = shifted_interval(boot, 3.0, level=0.5)
+    assert est == 3.0 and lo == pytest.approx(2.0) and hi == pytest.approx(4.0)
