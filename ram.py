@@ -125,7 +125,6 @@ class Config(BaseConfig):
     base: str = field("cpu", "common.pretrain preset of the shared base model and evaluator (cached in "
                              "CHECKPOINT_DIR)", choices=("smoke", "cpu", "gpu"))
     tilt_rounds: int = field(400, "Part A: RAM rounds on the 2-D mixture (seconds on a CPU)")
-    tilt_batch: int = field(512, "Part A: endpoints per round (one prompt)")
     rounds: int = field(300, "Part B, composition: Flow-GRPO's rounds (then checked for a plateau), and the cap on "
                              "RAM's, which stops once it reaches Flow-GRPO's peak")
     preference_rounds: int = field(40, "Part B, preference: the same, for the preference reward")
@@ -136,13 +135,12 @@ class Config(BaseConfig):
     ram_m: float = field(10.0, "RAM reward multiplier m ~ 1/lambda (swept)")
     grpo_lr: float = field(3e-4, "Flow-GRPO learning rate (swept)")
     grpo_clip: float = field(1e-3, "Flow-GRPO clip range of the per-pixel ratio, < 1 (swept; the paper: 1e-4)")
-    grpo_beta: float = field(0.04, "Flow-GRPO KL weight in the official units (swept over 0, 0.004, 0.04; "
-                                  "the official GenEval/OCR configs use 0.04)", min=0)
     ode_steps: int = field(16, "Euler steps of RAM rollouts and of every evaluation")
     sde_steps: int = field(10, "SDE steps of Flow-GRPO rollouts, >= 2 (the paper trains with 10)")
     n_eval: int = field(144, "held-out noises, >= 18 (the 9 training classes in turn, each with a fixed noise)")
     eval_every: int = field(4, "evaluate on the held-out noises every this many rounds")
-    sweep: bool = field(False, "also rerun the hyper-parameter sweep of both methods on the composition reward")
+    sweep: str = field("none", "instead of the race, rerun the learning-rate sweep of this method (or both) on the "
+                               "composition reward", choices=("none", "ram", "grpo", "both"))
 
     def validate(self):
         """Every bound known before any work starts, each as a one-line error."""
@@ -161,12 +159,6 @@ class Config(BaseConfig):
         if self.grpo_clip >= 1:
             raise UserError(f"--grpo-clip must be < 1 (the ratio is clipped to [1 - clip, 1 + clip]), "
                             f"got {self.grpo_clip}")
-        if self.tilt_batch < 2:
-            raise UserError(f"--tilt-batch must be >= 2 (advantages are rewards minus their mean), "
-                            f"got {self.tilt_batch}")
-        if self.sweep and self.rounds // 3 < 2 * SWEEP_EVAL_EVERY:
-            raise UserError(f"--sweep true runs --rounds / 3 rounds per setting and needs --rounds >= "
-                            f"{6 * SWEEP_EVAL_EVERY}, got {self.rounds}")
 
 
 PRESETS = {
@@ -182,6 +174,9 @@ GRPO_MINIBATCHES = 2  # optimizer steps per Flow-GRPO round, as in the official 
 GRPO_STEP_FRACTION = 0.99  # official timestep_fraction: it trains on int(0.99 S) = S - 1 of the S SDE steps
 ADV_CLIP = 5.0  # Flow-GRPO clips advantages to +-5 inside its loss (official adv_clip_max); RAM does not clip
 ROLLOUT_BF16 = False  # both methods roll out in float32 on every device (on the CPU there is no bf16 anyway)
+GRPO_BETA = dict(composition=0.04, preference=0.01)  # KL weight, official units: config/grpo.py geneval / pickscore
+WEIGHT_DECAY = 1e-4  # AdamW weight decay of both methods (official adam_weight_decay, config/base.py)
+TILT_BATCH = 512  # Part A: endpoints per round (one prompt)
 JUDGE_SEEDS = (1, 2)  # the held-out scorers: the reward's evaluator retrained with these seeds (`make_judges`)
 
 # %% the method: advantages and the RAM loss
@@ -324,7 +319,7 @@ def tilt_experiment(cfg, progress=True):
         opt = make_optimizer(policy, TILT_LR)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / cfg.tilt_rounds)
         for _ in tqdm(range(cfg.tilt_rounds), desc="Part A: RAM", leave=False, disable=not progress):
-            noise = torch.randn(cfg.tilt_batch, 2, generator=g)
+            noise = torch.randn(TILT_BATCH, 2, generator=g)
             x = euler(lambda x, t: old(x, t), noise, TILT_SAMPLER_STEPS).clone()  # endpoints from the lagged policy
             r = reward(x)
             A = r - r.mean()  # raw advantages, unclipped: keeps m = 1 / lambda exact (see the paper card)
@@ -494,7 +489,7 @@ def sample_images(model, y, noise, steps: int, batch: int = 288) -> torch.Tensor
 
 
 def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, progress=True, target=None,
-                 judge=None):
+                 judge=None, stop_at_plateau=False):
     """One method from the base weights for `rounds` rounds, or until its smoothed held-out curve
     reaches `target`. hp: lr plus m and ema (RAM) or clip and beta (Flow-GRPO).
     held_out = (labels, noise, base_reward). The held-out curve ("reward") is scored by `judge`, the
@@ -504,7 +499,7 @@ def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, 
     judge = reward if judge is None else judge
     policy, ref = copy.deepcopy(base).train().requires_grad_(True), base.eval().requires_grad_(False)
     old = copy.deepcopy(base) if method == "ram" else None  # never trained: it follows the policy by EMA
-    opt = make_optimizer(policy, hp["lr"])
+    opt = make_optimizer(policy, hp["lr"], WEIGHT_DECAY)
     g = torch.Generator().manual_seed(seed)  # the same seed for both methods: the same draws where they match
     y = prompts_for_round(base.n_classes, cfg.group).to(device)
     y_eval, noise_eval, base_reward = held_out
@@ -531,6 +526,8 @@ def train_method(method, base, reward, cfg, hp, rounds, held_out, device, seed, 
             bar.set_postfix(train=f"{r_train:.3f}", held_out=f"{curve['reward'][-1]:.3f}", refresh=False)
             if target is not None and smooth(curve["reward"])[-1] >= target:
                 curve["reached_target"] = True
+                break
+            if stop_at_plateau and plateau_reached(curve["reward"]):
                 break
     curve["smoothed"] = smooth(curve["reward"])
     return curve, x  # the last round is always evaluated, so x is the final policy's
@@ -601,42 +598,53 @@ def held_out_set(cfg, base, seed: int):
     return y, torch.randn(cfg.n_eval, base.C, base.img_size, base.img_size, generator=g)
 
 
-# The sweep behind the defaults (README), the same for both methods: three learning rates at a centre,
-# then two alternatives of each other hyper-parameter at the best setting so far: 7 runs per method.
-SWEEP_CENTRE = dict(ram=dict(lr=3e-4, m=10.0, ema=0.9), grpo=dict(lr=1e-3, beta=0.04, clip=1e-3))
-SWEEP_STAGES = dict(ram=(("lr", (1e-4, 3e-4, 1e-3)), ("m", (3.0, 30.0)), ("ema", (0.8, 0.95))),
-                    grpo=(("lr", (3e-4, 1e-3, 3e-3)), ("beta", (0.0, 0.004)), ("clip", (1e-4, 1e-2))))
-SWEEP_EVAL_EVERY = 5
+# The sweep behind the defaults: each method's learning rate on a grid of three around its chosen value,
+# the other hyper-parameters fixed (RAM: m = 10, EMA 0.9; Flow-GRPO: clip 1e-3, the official beta).
+SWEEP_LR = dict(ram=(3e-4, 1e-3, 3e-3), grpo=(1e-4, 3e-4, 1e-3))
 
 
-def sweep(cfg, base, rewards, device, progress=True, judges=None) -> list:
-    """SWEEP_STAGES on the composition reward: a third of the rounds (no early stop), half the held-out
-    noises (noises of their own, not the reported ones), evaluated every SWEEP_EVAL_EVERY rounds.
-    Score: the peak of the smoothed held-out curve as the judges score it, the quantity the race reads."""
-    cfg = dataclasses.replace(cfg, n_eval=max(18, cfg.n_eval // 2), eval_every=SWEEP_EVAL_EVERY)
+def sweep_held_out(cfg, base, judge):
+    """The sweep's own held-out noises (half as many, never the reported ones) and the base's score."""
+    cfg = dataclasses.replace(cfg, n_eval=max(18, cfg.n_eval // 2))
     y, noise = held_out_set(cfg, base, cfg.seed + 555)
-    reward = rewards["composition"]
-    judge = reward if judges is None else judges["composition"]
-    base_r = judge(sample_images(base, y, noise, cfg.ode_steps), y).mean().item()
-    rows = []
-    for method, stages in SWEEP_STAGES.items():
-        best = dict(SWEEP_CENTRE[method])
-        scored = {}  # settings already run (the centre of a stage was run in the one before)
-        for name, values in stages:
-            for v in values:
-                hp = {**best, name: v}
-                key = tuple(sorted(hp.items()))
-                if key in scored:
-                    continue
-                curve, _ = train_method(method, base, reward, cfg, hp, max(2, cfg.rounds // 3), (y, noise, base_r),
-                                        device, cfg.seed + 1, progress=False, judge=judge)
-                scored[key] = max(curve["smoothed"])
-                rows.append(dict(method=method, stage=name, **hp, score=scored[key], final=curve["smoothed"][-1],
-                                 proxy_peak=max(smooth(curve["proxy"])), seconds=curve["seconds"][-1]))
-                if progress:
-                    print(rows[-1])
-            best = dict(max(scored.items(), key=lambda kv: kv[1])[0])
-    return dict(base=base_r, rounds=max(2, cfg.rounds // 3), rows=rows)
+    return y, noise, judge(sample_images(base, y, noise, cfg.ode_steps), y).mean().item()
+
+
+def sweep_run(cfg, base, reward, judge, held_out, device, method: str, lr: float, progress=True) -> dict:
+    """One setting of the sweep on the composition reward, scored as the race reads it: the peak of the
+    smoothed held-out curve under the judges, at the race's horizon (--rounds, evaluated every
+    --eval-every rounds). The run stops early once it has levelled off (`plateau_reached`)."""
+    fixed = dict(ram=dict(m=cfg.ram_m, ema=EMA_OLD), grpo=dict(clip=cfg.grpo_clip, beta=GRPO_BETA["composition"]))
+    t0 = time.perf_counter()
+    curve, _ = train_method(method, base, reward, cfg, dict(lr=lr, **fixed[method]), cfg.rounds, held_out, device,
+                            cfg.seed + 1, progress=progress, judge=judge, stop_at_plateau=True)
+    peak = max(curve["smoothed"])
+    return dict(method=method, lr=lr, **fixed[method], score=peak,
+                round_of_peak=curve["rounds"][curve["smoothed"].index(peak)], rounds_run=curve["rounds"][-1],
+                levelled_off=plateau_reached(curve["reward"]), proxy_peak=max(smooth(curve["proxy"])),
+                wall_seconds=round(time.perf_counter() - t0, 1), rounds=curve["rounds"], reward=curve["reward"])
+
+
+def sweep_summary(cfg, base_reward: float, rows: list) -> dict:
+    """Per method: the learning rates tried, the one with the best score, and whether it is interior."""
+    out = dict(base=base_reward, rounds=cfg.rounds, eval_every=cfg.eval_every, n_eval=max(18, cfg.n_eval // 2),
+               rows=rows)
+    for method in sorted({row["method"] for row in rows}):
+        mine = sorted((row for row in rows if row["method"] == method), key=lambda row: row["lr"])
+        best = max(mine, key=lambda row: row["score"])
+        grid = [row["lr"] for row in mine]
+        out[method] = dict(lr_grid=grid, chosen_lr=best["lr"], rounds=cfg.rounds,
+                           interior=0 < grid.index(best["lr"]) < len(grid) - 1)
+    return out
+
+
+def sweep(cfg, base, reward, judge, device, methods=("ram", "grpo"), progress=True) -> dict:
+    """SWEEP_LR of each method, one setting after the other (the committed sweep ran them as
+    separate one-thread processes: the same calls)."""
+    held_out = sweep_held_out(cfg, base, judge)
+    rows = [sweep_run(cfg, base, reward, judge, held_out, device, method, lr, progress)
+            for method in methods for lr in SWEEP_LR[method]]
+    return sweep_summary(cfg, held_out[2], rows)
 
 
 # %% figures
@@ -709,11 +717,32 @@ def claims_of(results: dict) -> list:
                       f"{tilt['fixed_point_mean_error']:.3f} (its t = 1 condition)")]
 
 
+def models_and_scorers(cfg, device):
+    """The shared base model, the training scorer's rewards and the judges' (all cached)."""
+    pcfg = pretrain.Config(**{**pretrain.PRESETS[cfg.base], "preset": cfg.base, "seed": 0})
+    base, _ = pretrain.base_model(pcfg, device)
+    evaluator, _ = get_evaluator(pcfg.dataset, pcfg.size, device, pcfg.eval_steps, pcfg.seed)
+    judge_evs = [get_evaluator(pcfg.dataset, pcfg.size, device, pcfg.eval_steps, pcfg.seed + s)[0]
+                 for s in JUDGE_SEEDS]
+    return base, make_rewards(evaluator), make_judges(judge_evs), evaluator, judge_evs
+
+
 def run(cfg: Config) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     out = run_dir(cfg, "ram")
     torch.manual_seed(cfg.seed)
+
+    if cfg.sweep != "none":  # the sweep alone, not the race
+        base, rewards, judges, _, _ = models_and_scorers(cfg, device)
+        methods = ("ram", "grpo") if cfg.sweep == "both" else (cfg.sweep,)
+        res = sweep(cfg, base, rewards["composition"], judges["composition"], device, methods)
+        res["seconds"] = round(time.perf_counter() - t_start, 1)
+        save_json(out / "sweep.json", res)
+        print_table([(row["method"], row["lr"], row["score"], row["round_of_peak"], row["rounds_run"],
+                      row["levelled_off"]) for row in res["rows"]],
+                    ("method", "learning rate", "peak (judges, smoothed)", "its round", "rounds run", "levelled off"))
+        return res
 
     tilt, tilt_points = tilt_experiment(cfg)
     phase_seconds = dict(part_a=round(time.perf_counter() - t_start, 1))
@@ -722,18 +751,12 @@ def run(cfg: Config) -> dict:
           f"(exact {tilt['quadratic_var_exact']:.4f}, "
           f"fixed point near t = 1 {tilt['quadratic_var_fixed_point_t1']:.4f})")
 
-    pcfg = pretrain.Config(**{**pretrain.PRESETS[cfg.base], "preset": cfg.base, "seed": 0})
-    base, _ = pretrain.base_model(pcfg, device)
-    evaluator, _ = get_evaluator(pcfg.dataset, pcfg.size, device, pcfg.eval_steps, pcfg.seed)
-    rewards = make_rewards(evaluator)  # the training scorer
-    judge_evs = [get_evaluator(pcfg.dataset, pcfg.size, device, pcfg.eval_steps, pcfg.seed + s)[0]
-                 for s in JUDGE_SEEDS]
-    judges = make_judges(judge_evs)  # the held-out measure
+    base, rewards, judges, evaluator, judge_evs = models_and_scorers(cfg, device)
     y_eval, noise_eval = held_out_set(cfg, base, cfg.seed + 1000)
     x_base = sample_images(base, y_eval, noise_eval, cfg.ode_steps)
     feats_base = evaluator.features(x_base)
     hps = dict(ram=dict(lr=cfg.ram_lr, m=cfg.ram_m, ema=EMA_OLD),
-               grpo=dict(lr=cfg.grpo_lr, clip=cfg.grpo_clip, beta=cfg.grpo_beta))
+               grpo=dict(lr=cfg.grpo_lr, clip=cfg.grpo_clip))
 
     results_rewards, samples = {}, {}
     for rname, reward in rewards.items():
@@ -743,7 +766,8 @@ def run(cfg: Config) -> dict:
         held_out = (y_eval, noise_eval, base_r)
         # Flow-GRPO runs every round, then its curve is checked for a plateau; RAM, from the same seed, runs
         # until its smoothed curve reaches Flow-GRPO's smoothed peak, or the same number of rounds
-        grpo, x_grpo = train_method("grpo", base, reward, cfg, hps["grpo"], rounds, held_out, device, cfg.seed + 1,
+        grpo_hp = {**hps["grpo"], "beta": GRPO_BETA[rname]}
+        grpo, x_grpo = train_method("grpo", base, reward, cfg, grpo_hp, rounds, held_out, device, cfg.seed + 1,
                                     judge=judges[rname])
         ram, x_ram = train_method("ram", base, reward, cfg, hps["ram"], rounds, held_out, device, cfg.seed + 1,
                                   target=max(grpo["smoothed"]), judge=judges[rname])
@@ -763,10 +787,6 @@ def run(cfg: Config) -> dict:
         phase_seconds[rname] = round(time.perf_counter() - t0, 1)
 
     results = dict(tilt=tilt, rewards=results_rewards)
-    if cfg.sweep:
-        t0 = time.perf_counter()
-        results["sweep"] = sweep(cfg, base, rewards, device, judges=judges)
-        phase_seconds["sweep"] = round(time.perf_counter() - t0, 1)
     results["claims"] = claims_of(results)
     results.update(
         settings=dict(ram=hps["ram"], grpo=hps["grpo"], sde_noise=SDE_NOISE, grpo_minibatches=GRPO_MINIBATCHES,
