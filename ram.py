@@ -341,7 +341,7 @@ def target_field(base, x, w, m: float, t: float, g, width: float = 0.35):
     xt = interpolate(x, eps, tt)
     with torch.no_grad():
         v_ref = base(xt, tt)
-    side = torch.linspace(-3.5, 3.5, 9)
+    side = torch.linspace(-3, 3, 7)
     grid = torch.stack(torch.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2)
     kernel = torch.exp(-torch.cdist(grid, xt).pow(2) / (2 * width**2))  # (n, N)
     density = kernel.sum(1)
@@ -625,19 +625,19 @@ def figure_method(out, points):
     for velocity, colour, label in ((v_ref, "0.3", "pretrained velocity (the target when A = 0)"),
                                     (target, "C3", "RAM target v_ref + m A ((eps - x) - v_old)")):
         axes[1].quiver(grid[seen, 0], grid[seen, 1], -velocity[seen, 0], -velocity[seen, 1], color=colour, angles="xy",
-                       scale_units="xy", scale=2.0, width=0.006, label=label)
+                       scale_units="xy", scale=3.0, width=0.007, label=label)
     axes[1].set_title("2. the same samples noised to t = 0.5; arrows: where the\nvelocity sends them (-v), local mean")
     axes[1].legend(fontsize=9, loc="lower left")
     for ax, key, name in ((axes[2], "x_lin", "3. linear reward: the density moves\ntowards the KL-tilted model"),
-                          (axes[3], "x_quad", "4. quadratic reward -4 x2^2 / 2:\nthe modes narrow in x2")):
+                          (axes[3], "x_quad", "4. quadratic reward r = -2 x2^2:\nthe modes narrow in x2")):
         ax.scatter(x_base[:n, 0], x_base[:n, 1], s=2, alpha=0.25, color="0.5", label="pretrained flow")
         ax.scatter(points[key][:n, 0], points[key][:n, 1], s=2, alpha=0.25, color="C3", label="after RAM")
         ax.set_title(name)
     exact = points["means_exact"]
-    axes[2].scatter(exact[:, 0], exact[:, 1], marker="+", s=150, c="k", label="exact tilted mode means")
+    axes[2].plot(exact[:, 0], exact[:, 1], "k+", ms=14, mew=2, ls="none", label="exact tilted mode means")
     for ax in axes:
         ax.set(xlim=(-4, 4), ylim=(-4, 4), xlabel="x1", ylabel="x2", aspect="equal")
-    axes[2].legend(fontsize=9, loc="lower left", markerscale=4)
+    axes[2].legend(fontsize=9, loc="lower left")
     fig.tight_layout()
     fig.savefig(out / "fig_method.png", dpi=100)
     plt.close(fig)
