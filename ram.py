@@ -326,11 +326,6 @@ def quadratic_fixed_point_var(m: float, a: float = QUAD_A, s2: float = MIX_STD**
     return (math.sqrt(1 + 4 * m * a * s2) - 1) / (2 * m * a)
 
 
-def mode_weights(x, means):
-    """Share of samples nearest to each mode mean -> (n_modes,)."""
-    return torch.bincount(torch.cdist(x, means).argmin(1), minlength=len(means)).float() / len(x)
-
-
 def target_field(base, x, w, m: float, t: float, g, width: float = 0.35):
     """What the RAM regression asks of the velocity at one t, from the models' own state at the first
     round (v_old = v_ref = the pretrained MLP): endpoints x (N, 2) re-noised to x_t, each with its
@@ -386,8 +381,9 @@ def tilt_experiment(cfg, progress=True):
     shift = (mean_exact - mean_ref).norm()
     mean_fixed_point = mean_ref + fixed_point_shift(LIN_W, TILT_M)
     x_quad = finetune(lambda x: -QUAD_A * x[:, 1].pow(2) / 2)  # the modes sit at y = 0: it only narrows them
-    def weight_error(x):  # total variation between the modes' shares and the exact tilted weights
-        return float((mode_weights(x, means_exact) - weights_exact).abs().sum() / 2)
+    def weight_error(x):  # total variation between the shares of samples nearest each mode and the exact weights
+        share = torch.bincount(torch.cdist(x, means_exact).argmin(1), minlength=len(means_exact)).float() / len(x)
+        return float((share - weights_exact).abs().sum() / 2)
 
     numbers = dict(mean_error=float((x_lin.mean(0) - mean_exact).norm() / shift), weight_error=weight_error(x_lin),
                    fixed_point_mean_error=float((mean_fixed_point - mean_exact).norm() / shift),
@@ -422,14 +418,10 @@ def place_check(x: torch.Tensor, y: torch.Tensor, tau: float = 1.0) -> torch.Ten
     return torch.sigmoid(side * (cx - x.shape[-1] / 2) / tau)
 
 
-def prompted_class_prob(x, y, class_probs) -> torch.Tensor:
-    """p(prompted class | x) from class_probs(x) -> (B, n_classes) (the evaluator, or a test's stub)."""
-    return class_probs(x).gather(1, y.reshape(-1, 1).to(x.device)).squeeze(1)
-
-
 def composition_reward(x, y, class_probs) -> torch.Tensor:
-    """GenEval-style "class at position": p(prompted class | x) x place_check -> (B,)."""
-    return prompted_class_prob(x, y, class_probs) * place_check(x, y)
+    """GenEval-style "class at position": p(prompted class | x) x place_check -> (B,). class_probs(x) ->
+    (B, n_classes): the evaluator's, or a test's stub."""
+    return class_probs(x).gather(1, y.reshape(-1, 1).to(x.device)).squeeze(1) * place_check(x, y)
 
 
 def centred_and_prominent(x: torch.Tensor) -> torch.Tensor:
@@ -444,7 +436,7 @@ def centred_and_prominent(x: torch.Tensor) -> torch.Tensor:
 def preference_reward(x, y, class_probs) -> torch.Tensor:
     """Our PickScore stand-in: centred_and_prominent x p(prompted class | x) (without the class factor
     both methods learned to draw every class as a square blob: more lit area for its extent)."""
-    return prompted_class_prob(x, y, class_probs) * centred_and_prominent(x)
+    return class_probs(x).gather(1, y.reshape(-1, 1).to(x.device)).squeeze(1) * centred_and_prominent(x)
 
 
 def rewards_of(evaluators: list) -> dict:
