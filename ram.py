@@ -55,16 +55,16 @@ from common.train import EMA, make_optimizer, optimizer_step
 # %% config and presets
 
 
+PRESET_NAMES = ("smoke", "cpu", "gpu")
+
+
 @dataclasses.dataclass
 class Config(BaseConfig):
-    base: str = field("cpu", "common.pretrain preset of the shared base model and evaluator (cached in "
-                             "CHECKPOINT_DIR)", choices=("smoke", "cpu", "gpu"))
+    base: str = field("cpu", "common.pretrain preset of the shared base model and evaluator", choices=PRESET_NAMES)
     tilt_rounds: int = field(400, "Part A: RAM rounds on the 2-D mixture (seconds on a CPU)")
-    rounds: int = field(300, "composition race: Flow-GRPO's rounds (then checked for a plateau), and the cap on "
-                             "RAM's, which stops once it reaches Flow-GRPO's peak")
+    rounds: int = field(300, "composition race: Flow-GRPO's rounds, and the cap on RAM's (which stops at its peak)")
     preference_rounds: int = field(40, "preference race: the same, for the preference reward")
-    group: int = field(8, "G: samples per prompt (class) per round, >= 2; 9 prompts, so 9 G reward evaluations "
-                          "a round for either method")
+    group: int = field(8, "G: samples per prompt (class) per round, >= 2: 9 G reward evaluations a round, both methods")
     renoise: int = field(4, "K: re-noisings of each RAM endpoint (the paper uses about 8)")
     ram_lr: float = field(1e-3, "RAM learning rate (swept)")
     ram_m: float = field(10.0, "RAM reward multiplier m ~ 1/lambda")
@@ -74,8 +74,8 @@ class Config(BaseConfig):
     sde_steps: int = field(10, "SDE steps of Flow-GRPO rollouts, >= 2 (the paper trains with 10)")
     n_eval: int = field(144, "held-out noises, >= 18 (the 9 training classes in turn, each with a fixed noise)")
     eval_every: int = field(4, "evaluate on the held-out noises every this many rounds")
-    sweep: str = field("none", "instead of the race, run the learning-rate sweep of this method (or both) on the "
-                               "composition reward", choices=("none", "ram", "grpo", "both"))
+    sweep: str = field("none", "instead of the race, sweep the learning rate of this method (or both)",
+                       choices=("none", "ram", "grpo", "both"))
 
     def validate(self):
         """Every bound known before any work starts, each as a one-line error."""
@@ -558,13 +558,6 @@ def diversity(features: torch.Tensor, y: torch.Tensor) -> float:
 SWEEP_LR = dict(ram=(3e-4, 1e-3, 3e-3), grpo=(1e-4, 3e-4, 1e-3))  # the rest fixed: m, EMA; clip, official beta
 
 
-def sweep_held_out(cfg, base, judge):
-    """The sweep's own held-out noises (half as many, never the reported ones) and the base's score."""
-    cfg = dataclasses.replace(cfg, n_eval=max(18, cfg.n_eval // 2))
-    y, noise = held_out_set(cfg, base, cfg.seed + 555)
-    return y, noise, judge(sample_images(base, y, noise, cfg.ode_steps), y).mean().item()
-
-
 def sweep_run(cfg, base, reward, judge, held_out, device, method: str, lr: float, progress=True) -> dict:
     """One setting on the composition reward, scored as the race reads it: the peak of the smoothed
     held-out curve under the judges within the race's horizon (--rounds, evaluated every --eval-every
@@ -593,8 +586,10 @@ def sweep_summary(cfg, base_reward: float, rows: list) -> dict:
 
 
 def sweep(cfg, base, reward, judge, device, methods=("ram", "grpo"), progress=True) -> dict:
-    """SWEEP_LR of each method, one setting after the other."""
-    held_out = sweep_held_out(cfg, base, judge)
+    """SWEEP_LR of each method, one setting after the other, on held-out noises of the sweep's own
+    (half as many, never the reported ones)."""
+    y, noise = held_out_set(dataclasses.replace(cfg, n_eval=max(18, cfg.n_eval // 2)), base, cfg.seed + 555)
+    held_out = (y, noise, judge(sample_images(base, y, noise, cfg.ode_steps), y).mean().item())
     rows = [sweep_run(cfg, base, reward, judge, held_out, device, method, lr, progress)
             for method in methods for lr in SWEEP_LR[method]]
     return sweep_summary(cfg, held_out[2], rows)
@@ -758,7 +753,7 @@ def run(cfg: Config) -> dict:
     save_json(out / "results.json", results)
     figures(out, results_rewards, samples)
 
-    print_table([(k, v) for k, v in tilt.items() if isinstance(v, float)])
+    print_table([(f"Part A: {k}", v) for k, v in tilt.items()] + [("seconds", results["seconds"])])
     print_table([(rname, m, res[f"{m}_final"], res["proxy_final"][m], max(res[m]["smoothed"]), res[m]["rounds"][-1],
                   res["fd_to_base"][m], res["diversity"][m], res["class_accuracy_judges"][m])
                  for rname, res in results_rewards.items() for m in ("ram", "grpo")],
@@ -766,7 +761,7 @@ def run(cfg: Config) -> dict:
                  "FD to base", "diversity", "class accuracy (judges)"))
     print_table([(f"{rname}: {k}", res[k]) for rname, res in results_rewards.items()
                  for k in ("base_reward", "grpo_peak", "grpo_plateaued", "ram_peak", "rounds_ratio", "opt_steps_ratio",
-                           "seconds_ratio", "half_gain_rounds_ratio")] + [("seconds", results["seconds"])])
+                           "seconds_ratio", "half_gain_rounds_ratio")])
     print_table([(c["claim"], c["paper"], c["ours"], c["reproduced"]) for c in results["claims"]],
                 ("claim", "paper", "ours", "reproduced"))
     print(f"wrote {out}/results.json and figures")
