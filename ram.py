@@ -27,8 +27,8 @@ Convention (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, t
     weight: p*(x) ~ p_ref(x) exp(r(x) / lambda).
 
 Run (2 CPU cores, AMD EPYC, base model cached)
-    python ram.py                    # cpu preset: Part A, both rewards, both methods (see docs/ram.md)
-    python ram.py --sweep both       # the learning-rate sweep instead of the race (see docs/ram.md)
+    python ram.py                    # cpu preset: Part A, both rewards, both methods (728 s)
+    python ram.py --sweep both       # the learning-rate sweep instead of the race (730 s as two 1-thread processes)
     python ram.py --preset smoke     # seconds, what the tests run
     python ram.py --preset gpu       # not measured yet
 """
