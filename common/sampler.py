@@ -80,22 +80,30 @@ def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
     return (-0.5 * z.pow(2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).reshape(x.shape[0], -1).sum(1)
 
 
-def sde_step(x, v, t, t_next, a: float = 0.7, generator=None, x_next=None):
-    """One step of the marginal-preserving SDE (Flow-GRPO, translated to t = 1 -> 0, dt < 0):
+def sde_mean(x, v, t, t_next, a: float = 0.7):
+    """The mean of one step of the marginal-preserving SDE and its std_t (without the step's sqrt|dt|):
 
         std_t = a sqrt(t / (1 - t))
         mean  = x (1 + std_t^2 / (2 t) dt) + v (1 + std_t^2 (1 - t) / (2 t)) dt
-        x'    = mean + std_t sqrt(-dt) xi
 
-    x, v: (B, ...); t, t_next: (B,). If x_next is given it is scored instead of drawn (for the
-    policy-ratio of GRPO). Returns (x_next, logp (B,), mean, step_std (B,))."""
+    x, v: (B, ...); t, t_next: (B,). Returns (mean (B, ...), std_t (B,))."""
     t4, dt = t.reshape(-1, *([1] * (x.dim() - 1))), (t_next - t).reshape(-1, *([1] * (x.dim() - 1)))
     std = sde_std(t, t_next, a).reshape_as(t4)
     mean = x * (1 + std**2 / (2 * t4) * dt) + v * (1 + std**2 * (1 - t4) / (2 * t4)) * dt
-    step_std = (std * torch.sqrt(-dt)).flatten()
+    return mean, std.flatten()
+
+
+def sde_step(x, v, t, t_next, a: float = 0.7, generator=None, x_next=None):
+    """One step of the marginal-preserving SDE (Flow-GRPO, translated to t = 1 -> 0, dt < 0):
+    x' = mean + std_t sqrt(-dt) xi, with mean and std_t from `sde_mean`.
+
+    x, v: (B, ...); t, t_next: (B,). If x_next is given it is scored instead of drawn (for the
+    policy-ratio of GRPO). Returns (x_next, logp (B,), mean, step_std (B,))."""
+    mean, std = sde_mean(x, v, t, t_next, a)
+    step_std = std * torch.sqrt(t - t_next)
     if x_next is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_next = mean + step_std.reshape_as(t4) * noise
+        x_next = mean + step_std.reshape(-1, *([1] * (x.dim() - 1))) * noise
     return x_next, gaussian_logprob(x_next, mean, step_std), mean, step_std
 
 

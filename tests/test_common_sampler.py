@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from common.sampler import cfg_velocity, euler, gaussian_logprob, sample_labels, sde_step, time_grid
+from common.sampler import cfg_velocity, euler, gaussian_logprob, sample_labels, sde_mean, sde_std, sde_step, time_grid
 
 
 def gaussian_velocity(m, s):
@@ -51,6 +51,9 @@ def test_sde_logprob_is_the_gaussian_density():
     assert torch.allclose(logp, ref, atol=1e-4)
     _, logp_again, _, _ = sde_step(x, v, t, tn, x_next=x_next)  # scoring a given transition
     assert torch.allclose(logp, logp_again)
+    mean_alone, std_t = sde_mean(x, v, t, tn)  # the step's mean and its std without sqrt|dt|
+    assert torch.equal(mean_alone, mean) and torch.allclose(std_t * 0.1**0.5, std)
+    assert torch.allclose(std_t, sde_std(t, tn, 0.7)) and torch.allclose(std_t, torch.full((4,), 0.7 * 1.5**0.5))
     assert torch.allclose(gaussian_logprob(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1)),
                           torch.tensor([-0.5 * math.log(2 * math.pi)]))
 
