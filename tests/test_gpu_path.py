@@ -90,3 +90,43 @@ def test_the_gpu_time_blind_fm_preset_trains_its_nets_at_their_real_sizes(bf16_o
     with torch.no_grad():
         samples = tb.euler(net, torch.randn(4, *x.shape[1:]), steps=cfg.sample_steps)
     assert samples.shape == (4, *x.shape[1:]) and torch.isfinite(samples).all()
+
+
+def test_the_gpu_attention_sinks_preset_removes_sinks_at_its_real_size(bf16_on_cpu):
+    """attention_sinks' gpu preset: TinyDiT-m with patch 2 (6 layers, 4 heads, 69 keys per layer), built
+    untrained (adaLN weights perturbed, so attention matters), its batch of 1,024 seed-paired samples under
+    bf16 autocast: one Euler step with the preset's largest union budget removed at the middle layer, for
+    the sinks and for the random control, then the detection statistics on the recorded mass."""
+    import attention_sinks as sinks
+    from common.config import int_list
+
+    cfg = sinks.Config(preset="gpu", device="cpu", sample_steps=1)
+    m_cfg = sinks.model_config(cfg)
+    assert (m_cfg.model, m_cfg.patch, cfg.n_samples) == ("m", 2, 1024)
+    torch.manual_seed(0)
+    model = TinyDiT(**pretrain.model_kwargs(m_cfg, 9, 3)).eval()  # shapes data: 9 classes, 3 channels
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    depth, H, n_keys = sinks.model_shape(cfg)
+    n_ctx = model.n_ctx
+    assert (len(model.blocks), model.blocks[0].attn.H, n_ctx + (model.img_size // model.P) ** 2) == (depth, H, n_keys)
+    k = max(int_list(cfg.ks, "--ks"))
+    removal = sinks.Removal((depth // 2,), k, "score", "union", cfg.query_rows)
+    y = torch.arange(cfg.n_samples) % model.n_classes
+    seen = record_linear_dtypes(model)
+    for control in ("sink", "random"):
+        hook = sinks.SinkHook(n_ctx, removal, control, cfg.mask_value, seed=0, record=True)
+        x = sinks.sample_with(model, cfg, y, hook)
+        assert x.shape == (cfg.n_samples, 3, 16, 16) and x.dtype == torch.float32 and torch.isfinite(x).all()
+        assert len(hook.masses) == cfg.sample_steps * depth
+        mass, probs0 = hook.masses[depth // 2], hook.probs0[depth // 2]  # the edited call: mass before, probs after
+        assert mass.shape == (cfg.n_samples, H, n_keys) and probs0.shape == (H, n_keys, n_keys)
+        if control == "sink":
+            sel = sinks.choose_keys(mass[:1], k, "sink", "union")[0]  # (H, Nk): the hook's own ranking, k*H keys
+            assert sel.sum().item() == k * H * H
+            assert probs0.float()[sel[:, None, :].expand_as(probs0)].max() < 1e-3  # removed in bf16 too
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    M = torch.stack(hook.masses).float().reshape(cfg.sample_steps, depth, cfg.n_samples, H, n_keys)
+    det = sinks.detection_stats(M, n_ctx)
+    assert det["measured_layers"] == sinks.measured_layers(depth) and len(det["detection_by_layer"]) == depth
