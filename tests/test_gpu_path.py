@@ -130,3 +130,34 @@ def test_the_gpu_attention_sinks_preset_removes_sinks_at_its_real_size(bf16_on_c
     M = torch.stack(hook.masses).float().reshape(cfg.sample_steps, depth, cfg.n_samples, H, n_keys)
     det = sinks.detection_stats(M, n_ctx)
     assert det["measured_layers"] == sinks.measured_layers(depth) and len(det["detection_by_layer"]) == depth
+
+
+def test_the_gpu_forcing_kv_preset_trains_types_heads_and_generates_at_its_real_sizes(monkeypatch, bf16_on_cpu):
+    """forcing_kv's gpu preset: the s video model, batch 32 clips of 24 frames (plus their context copy) at
+    16 px, one teacher-forcing step; calibration with its 16 rollouts and head typing; then a short cached
+    generation (4 chunks, its Euler steps) at the preset's largest frame (96 px: 576 tokens per frame) under
+    bf16 autocast, with the full cache and with Forcing-KV's packed cache."""
+    import forcing_kv as fk
+    from common.config import int_list
+
+    monkeypatch.setattr(fk, "autocast", cpu_bf16)  # forcing_kv binds the shared autocast at import
+    cfg = fk.Config(preset="gpu", device="cpu", steps=1)
+    assert (cfg.model, cfg.batch, cfg.train_frames, cfg.n_calib) == ("s", 32, 24, 16)
+    cpu = torch.device("cpu")
+    model, info = fk.train_video_model(cfg, cpu)
+    assert not info["cached"] and all(torch.isfinite(p).all() for p in model.parameters())
+    score, per_video, per_step, mass = fk.calibrate(model, cfg, cpu)
+    assert score.shape == (model.depth, model.H) and mass.shape[2] == cfg.n_calib and torch.isfinite(score).all()
+    kinds = fk.type_heads(score, cfg.threshold)
+    kinds[1, 0], kinds[1, 1] = fk.KINDS["static"], fk.KINDS["dynamic"]  # both kinds, whatever one step learned
+    size = max(int_list(cfg.sizes, "--sizes", 8))
+    y, noise = fk.eval_inputs(cfg, size, 1, cpu)
+    noise = noise[:, :4 * fk.FRAMES_PER_CHUNK]
+    seen = record_linear_dtypes(model)
+    full_cache, cache = fk.FullCache(model.depth, noise.shape[1]), fk.variants(cfg, kinds, "torch")["forcing_kv"][0]()
+    full = fk.rollout(model, full_cache, y, noise, cfg.sample_steps)
+    video = fk.rollout(model, cache, y, noise, cfg.sample_steps)
+    assert (size // fk.PATCH) ** 2 == 576 and full.shape == video.shape == noise.shape
+    assert torch.isfinite(full).all() and torch.isfinite(video).all() and cache.sel is not None
+    assert full_cache.k[0].dtype == torch.bfloat16 and seen and all(d == torch.bfloat16 for d in seen)
+    assert 0 < cache.nbytes() < full_cache.nbytes()
