@@ -161,3 +161,34 @@ def test_the_gpu_forcing_kv_preset_trains_types_heads_and_generates_at_its_real_
     assert torch.isfinite(full).all() and torch.isfinite(video).all() and cache.sel is not None
     assert full_cache.k[0].dtype == torch.bfloat16 and seen and all(d == torch.bfloat16 for d in seen)
     assert 0 < cache.nbytes() < full_cache.nbytes()
+
+
+def test_the_gpu_lfm_stability_preset_trains_its_three_kinds_of_model_and_switches(bf16_on_cpu, monkeypatch):
+    """lfm_stability's gpu preset: a data / seed model (TinyDiT-s, patch 4, batch 256), the small coarse
+    net (one block of the preset's width, MLP ratio 1) and the large model (the pretrain gpu preset,
+    TinyDiT-m, patch 2), one optimizer step each under bf16 autocast, then a coarse-to-fine call on the
+    preset's Euler grid at the paper's switch, the small net running the noisy steps."""
+    import lfm_stability as lfm
+
+    monkeypatch.setattr(lfm, "autocast", cpu_bf16)  # lfm_stability imported the name, not the module
+    cfg = lfm.Config(preset="gpu", device="cpu", steps=1, small_steps=1, n_train=512)
+    assert (cfg.model, cfg.batch, cfg.large) == ("s", 256, "gpu")
+    cpu = torch.device("cpu")
+    data = data_mod.load("shapes", cfg.n_train, 16, cfg.seed, "train")
+    data_model, info = lfm.train(cfg, cpu, "reference", data, "gpu-preset-test", cfg.seed)
+    small, small_info = lfm.train(cfg, cpu, "small", data, "gpu-preset-test", cfg.seed, small=True)
+    large, large_info = pretrain.base_model(gpu_pretrain_config(steps=1, n_train=cfg.n_train), cpu, data=data,
+                                            data_key="lfm-gpu-preset-test")
+    assert not large_info["cached"] and torch.isfinite(torch.tensor(large_info["final_loss"]))
+    assert all(torch.isfinite(torch.tensor(i["loss_curve"])).all() for i in (info, small_info))
+    assert (data_model.img_size // data_model.P) ** 2 == 16 and (large.img_size // large.P) ** 2 == 64
+    assert len(small.blocks) == 1 and small.patch_embed.out_features == cfg.small_width
+    calls = {"small": 0, "large": 0}
+    for name, net in (("small", small), ("large", large)):
+        net.register_forward_hook(lambda mod, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
+    seen = record_linear_dtypes(large)
+    y = torch.arange(4) % 9
+    x = lfm.coarse_to_fine(small, large, sampler.seeded_noise(4, 3, 16, 0), y, cfg.sample_steps, lfm.PAPER_SWITCH)
+    assert x.shape == (4, 3, 16, 16) and torch.isfinite(x.float()).all()
+    assert (calls["small"], calls["large"]) == lfm.step_split(cfg.sample_steps, lfm.PAPER_SWITCH)
+    assert seen and all(d == torch.bfloat16 for d in seen)  # the sampler really ran in bf16
