@@ -9,6 +9,7 @@ dtype=torch.bfloat16)`), through one training step and one sampling call.
 """
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -192,3 +193,38 @@ def test_the_gpu_lfm_stability_preset_trains_its_three_kinds_of_model_and_switch
     assert x.shape == (4, 3, 16, 16) and torch.isfinite(x.float()).all()
     assert (calls["small"], calls["large"]) == lfm.step_split(cfg.sample_steps, lfm.PAPER_SWITCH)
     assert seen and all(d == torch.bfloat16 for d in seen)  # the sampler really ran in bf16
+
+
+def test_the_gpu_ram_preset_runs_a_round_of_each_method_at_its_real_size(bf16_on_cpu):
+    """ram's gpu preset: the gpu base model's TinyDiT-m (patch 2, 16 px, untrained but perturbed), K = 8
+    re-noisings, 16 ODE and 10 SDE steps: one RAM round and one Flow-GRPO round on the CPU, with a cheap
+    stand-in reward. Only the batch is cut: G = 2 instead of the preset's 24 (9 x 24 samples a round
+    take over a minute here)."""
+    import copy
+
+    import ram
+    from common.train import make_optimizer
+
+    assert ram.Config(preset="gpu", device="cpu").group == 24
+    cfg = ram.Config(preset="gpu", device="cpu", group=2)
+    assert (cfg.base, cfg.renoise, cfg.ode_steps, cfg.sde_steps) == ("gpu", 8, 16, 10)
+    pcfg = pretrain.Config(**{**pretrain.PRESETS[cfg.base], "preset": cfg.base, "seed": 0})
+    torch.manual_seed(0)
+    base = TinyDiT(**pretrain.model_kwargs(pcfg, 9, 3))
+    with torch.no_grad():  # adaLN-Zero starts at v = 0; perturb so that the round has something to move
+        for p in base.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert (base.img_size // base.P) ** 2 == 64
+    y = ram.prompts_for_round(9, cfg.group)
+    reward = lambda x, y: x.mean((1, 2, 3))  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    policy, old = copy.deepcopy(base), copy.deepcopy(base)
+    hp = dict(lr=cfg.ram_lr, m=cfg.ram_m, ema=ram.EMA_OLD)
+    r_ram, steps = ram.ram_round(policy, base, old, make_optimizer(policy, cfg.ram_lr), y, reward, cfg, g, hp, "cpu")
+    assert steps == 1 and math.isfinite(r_ram)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), base.parameters()))
+    policy = copy.deepcopy(base)
+    hp = dict(lr=cfg.grpo_lr, clip=cfg.grpo_clip, beta=ram.GRPO_BETA["composition"])
+    r_grpo, steps = ram.grpo_round(policy, base, make_optimizer(policy, cfg.grpo_lr), y, reward, cfg, g, hp, "cpu")
+    assert steps == ram.GRPO_MINIBATCHES and math.isfinite(r_grpo)
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
