@@ -100,6 +100,8 @@ def run_step(name: str, args: list, cfg, out: Path, logs: Path) -> dict:
                   status="ok" if rc == 0 else f"failed (exit status {rc})")
     try:
         record["config"] = json.loads((folder / "config.json").read_text())
+        # where the run wrote, relative to the repository: a summary names no machine's folders
+        record["config"]["out"] = str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder.name)
         results_file = folder / ("bench.json" if "--bench" in args else "results.json")
         record["results"] = json.loads(results_file.read_text())
     except (OSError, ValueError) as e:
