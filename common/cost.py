@@ -42,8 +42,7 @@ def dit_step(model, batch: int, y: bool = True):
     def step():
         x, eps, t = torch.randn(batch, C, S, S), torch.randn(batch, C, S, S), torch.rand(batch)
         labels = torch.zeros(batch, dtype=torch.long) if y else None
-        v = model(interpolate(x, eps, t), t, labels) if y else model(interpolate(x, eps, t), t)
-        fm_loss(v, x, eps).mean().backward()
+        fm_loss(model(interpolate(x, eps, t), t, labels), x, eps).mean().backward()
     return step
 
 

@@ -9,7 +9,9 @@ dtype=torch.bfloat16)`), through one training step and one sampling call.
 """
 
 import contextlib
+import importlib
 import math
+import sys
 
 import pytest
 import torch
@@ -24,10 +26,19 @@ def cpu_bf16(device, enabled: bool = True):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+SCRIPTS = ("ram", "forcing_kv", "lfm_stability", "attention_sinks", "time_blind_fm")
+
+
 @pytest.fixture
 def bf16_on_cpu(monkeypatch):
-    monkeypatch.setattr(sampler, "autocast", cpu_bf16)
-    monkeypatch.setattr(pretrain, "autocast", cpu_bf16)
+    """Every module that uses the shared autocast gets the CPU's bf16 one: common.sampler itself and
+    each module that imported the name (`from common.sampler import autocast`), scripts included."""
+    for name in SCRIPTS:
+        importlib.import_module(name)
+    shared = sampler.autocast
+    for module in list(sys.modules.values()):
+        if getattr(module, "autocast", None) is shared:
+            monkeypatch.setattr(module, "autocast", cpu_bf16)
 
 
 def gpu_pretrain_config(**changes):
@@ -133,7 +144,7 @@ def test_the_gpu_attention_sinks_preset_removes_sinks_at_its_real_size(bf16_on_c
     assert det["measured_layers"] == sinks.measured_layers(depth) and len(det["detection_by_layer"]) == depth
 
 
-def test_the_gpu_forcing_kv_preset_trains_types_heads_and_generates_at_its_real_sizes(monkeypatch, bf16_on_cpu):
+def test_the_gpu_forcing_kv_preset_trains_types_heads_and_generates_at_its_real_sizes(bf16_on_cpu):
     """forcing_kv's gpu preset: the s video model, batch 32 clips of 24 frames (plus their context copy) at
     16 px, one teacher-forcing step; calibration with its 16 rollouts and head typing; then a short cached
     generation (4 chunks, its Euler steps) at the preset's largest frame (96 px: 576 tokens per frame) under
@@ -141,7 +152,6 @@ def test_the_gpu_forcing_kv_preset_trains_types_heads_and_generates_at_its_real_
     import forcing_kv as fk
     from common.config import int_list
 
-    monkeypatch.setattr(fk, "autocast", cpu_bf16)  # forcing_kv binds the shared autocast at import
     cfg = fk.Config(preset="gpu", device="cpu", steps=1)
     assert (cfg.model, cfg.batch, cfg.train_frames, cfg.n_calib) == ("s", 32, 24, 16)
     cpu = torch.device("cpu")
@@ -164,14 +174,13 @@ def test_the_gpu_forcing_kv_preset_trains_types_heads_and_generates_at_its_real_
     assert 0 < cache.nbytes() < full_cache.nbytes()
 
 
-def test_the_gpu_lfm_stability_preset_trains_its_three_kinds_of_model_and_switches(bf16_on_cpu, monkeypatch):
+def test_the_gpu_lfm_stability_preset_trains_its_three_kinds_of_model_and_switches(bf16_on_cpu):
     """lfm_stability's gpu preset: a data / seed model (TinyDiT-s, patch 4, batch 256), the small coarse
     net (one block of the preset's width, MLP ratio 1) and the large model (the pretrain gpu preset,
     TinyDiT-m, patch 2), one optimizer step each under bf16 autocast, then a coarse-to-fine call on the
     preset's Euler grid at the paper's switch, the small net running the noisy steps."""
     import lfm_stability as lfm
 
-    monkeypatch.setattr(lfm, "autocast", cpu_bf16)  # lfm_stability imported the name, not the module
     cfg = lfm.Config(preset="gpu", device="cpu", steps=1, small_steps=1, n_train=512)
     assert (cfg.model, cfg.batch, cfg.large) == ("s", 256, "gpu")
     cpu = torch.device("cpu")
