@@ -61,8 +61,8 @@ from common.train import EMA, load_or_train, make_optimizer, optimizer_step
 @dataclasses.dataclass
 class Config(BaseConfig):
     model: str = field("xs", "TinyDiT size of the reference and of every data / seed model", choices=tuple(SIZES))
-    small_width: int = field(64, "width of the small (coarse) network: one block, MLP ratio 1, patch 4; at least "
-                                 "the 48 values of a patch (the large one: 4 blocks of width 96)", min=48)
+    small_width: int = field(48, "width of the small (coarse) network: one block, one head, MLP ratio 1, patch 4; "
+                                 "at least the 48 values of a patch (the large one: 4 blocks of width 96)", min=48)
     small_steps: int = field(4800, "optimizer steps of the small network (cheap per step; trained longer)")
     large: str = field("cpu", "common.pretrain preset of the large (fine) model", choices=tuple(pretrain.PRESETS))
     steps: int = field(2400, "optimizer steps of every data / seed model (one recipe: about 55 s each for xs)")
@@ -310,12 +310,12 @@ def train(cfg, device, name: str, data, data_key: str, seed: int, small: bool = 
     """A TinyDiT trained on `data` with the base model's recipe (10% CFG dropout, logit-normal t, EMA)."""
     steps, arch = (cfg.small_steps if small else cfg.steps), dict(SIZES[cfg.model], patch=4)
     if small:  # one block, narrow MLP: the paper's DiT-S/2 next to XL/2, in miniature
-        arch.update(width=cfg.small_width, depth=1, heads=max(1, cfg.small_width // 16), mlp_ratio=1)
+        arch.update(width=cfg.small_width, depth=1, heads=1, mlp_ratio=1)
     torch.manual_seed(seed)  # the weight init
     net = TinyDiT(img_size=data.size, channels=data.channels, n_classes=data.n_classes, **arch)
     key = dict(kind="lfm_stability", version=3, data_version=data_mod.VERSION, model_version=dit.VERSION,
                data_key=data_key, n=len(data.images), steps=steps, batch=cfg.batch, lr=cfg.lr, seed=seed,
-               small=f"w{cfg.small_width}-d1-mlp1" if small else None, model=cfg.model)
+               small=f"w{cfg.small_width}-h1-d1-mlp1" if small else None, model=cfg.model)
 
     def fit(net):
         net.to(device).train()

@@ -16,9 +16,9 @@ Paper -> code
     Flow-GRPO: SDE mean, per-pixel log-probability ..... common/sampler.py `sde_mean`, `transition_logprob`
     Flow-GRPO: clipped objective, beta KL to the ref ... `clipped_objective` (PPO-form twin), `grpo_kl`,
                                                           `grpo_loss`, `grpo_round`
-    exact KL tilt of a 2-D mixture (Part A) ............ `tilted_mixture`, `tilt_experiment`
-    the fixed point's own tilt (reconstructed) ......... `fixed_point_shift`, `quadratic_fixed_point_var`
-    GenEval / PickScore stand-ins ...................... `composition_reward`, `preference_reward`
+    exact KL tilt of a 2-D mixture (Part A) ............ `tilt_experiment`; ram_tasks.py `tilted_mixture`
+    the fixed point's own tilt (reconstructed) ......... ram_tasks.py `fixed_point_shift`, `quadratic_fixed_point_var`
+    GenEval / PickScore stand-ins ...................... ram_tasks.py `composition_reward`, `preference_reward`
     the race: Flow-GRPO's levelled-off peak, RAM to it . `train_method`, `race_stats`
 
 Convention (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, target u = eps - x.
@@ -28,7 +28,7 @@ Convention (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, t
 
 Run (2 CPU cores, AMD EPYC, base model cached)
     python ram.py                    # cpu preset: Part A, both rewards, both methods (728 s)
-    python ram.py --sweep both       # the learning-rate sweep instead of the race (730 s as two 1-thread processes)
+    python ram_sweep.py              # the learning-rate sweep behind the defaults (730 s)
     python ram.py --preset smoke     # seconds, what the tests run
     python ram.py --preset gpu       # not measured yet
 """
@@ -36,16 +36,16 @@ Run (2 CPU cores, AMD EPYC, base model cached)
 # %% imports
 import copy
 import dataclasses
-import math
 import time
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import ram_tasks as tasks  # the toy tasks and their exact answers: Part A's mixture, Part B's rewards
 from common import pretrain
 from common.config import BaseConfig, UserError, cli, field, print_table, resolve_device, run_dir, save_json
-from common.evaluator import get_evaluator, paired_distance
+from common.evaluator import get_evaluator, within_class_diversity
 from common.flow import interpolate
 from common.plot import plt, save_image_panels
 from common.sampler import euler, gaussian_logprob, sample_labels, sde_mean, sde_std
@@ -55,12 +55,9 @@ from common.train import EMA, make_optimizer, optimizer_step
 # %% config and presets
 
 
-PRESET_NAMES = ("smoke", "cpu", "gpu")
-
-
 @dataclasses.dataclass
 class Config(BaseConfig):
-    base: str = field("cpu", "common.pretrain preset of the shared base model and evaluator", choices=PRESET_NAMES)
+    base: str = field("cpu", "common.pretrain preset of the base model and evaluators", choices=tuple(pretrain.PRESETS))
     tilt_rounds: int = field(400, "Part A: RAM rounds on the 2-D mixture (seconds on a CPU)")
     rounds: int = field(300, "composition race: Flow-GRPO's rounds, and the cap on RAM's (which stops at its peak)")
     preference_rounds: int = field(40, "preference race: the same, for the preference reward")
@@ -74,22 +71,18 @@ class Config(BaseConfig):
     sde_steps: int = field(10, "SDE steps of Flow-GRPO rollouts, >= 2 (the paper trains with 10)")
     n_eval: int = field(144, "held-out noises, >= 18 (the 9 training classes in turn, each with a fixed noise)")
     eval_every: int = field(4, "evaluate on the held-out noises every this many rounds")
-    sweep: str = field("none", "instead of the race, sweep the learning rate of this method (or both)",
-                       choices=("none", "ram", "grpo", "both"))
 
     def validate(self):
         """Every bound known before any work starts, each as a one-line error."""
-        checks = [(self.group >= 2, f"--group must be >= 2 (advantages compare a prompt's samples), got {self.group}"),
-                  (self.n_eval >= 18, f"--n-eval must be >= 18 (two held-out noises per class), got {self.n_eval}"),
-                  (self.sde_steps >= 2, f"--sde-steps must be >= 2 (Flow-GRPO trains on S - 1), got {self.sde_steps}"),
-                  (self.grpo_clip < 1, f"--grpo-clip must be < 1 (the ratio is clipped to [1 - clip, 1 + clip]), "
-                                       f"got {self.grpo_clip}")]
-        checks += [(cap >= PLATEAU_WINDOW * self.eval_every, f"{flag} {cap} is too short for the plateau check: it "
-                    f"needs {PLATEAU_WINDOW} evaluations: at least {PLATEAU_WINDOW} x --eval-every {self.eval_every}")
+        checks = [(self.group >= 2, "--group must be >= 2 (advantages compare a prompt's samples)"),
+                  (self.n_eval >= 18, "--n-eval must be >= 18 (two held-out noises per class)"),
+                  (self.sde_steps >= 2, "--sde-steps must be >= 2 (Flow-GRPO trains on S - 1)"),
+                  (self.grpo_clip < 1, "--grpo-clip must be < 1 (the ratio is clipped to [1 - clip, 1 + clip])")]
+        checks += [(cap >= PLATEAU_WINDOW * self.eval_every, f"{flag} {cap} is too short for the plateau check: "
+                    f"at least {PLATEAU_WINDOW} evaluations x --eval-every {self.eval_every}")
                    for flag, cap in (("--rounds", self.rounds), ("--preference-rounds", self.preference_rounds))]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        for message in (message for ok, message in checks if not ok):
+            raise UserError(message)
 
 
 PRESETS = {
@@ -108,9 +101,7 @@ GRPO_STEP_FRACTION = 0.99  # official timestep_fraction: it trains on int(0.99 S
 ADV_CLIP = 5.0  # Flow-GRPO clips advantages to +-5 inside its loss (official adv_clip_max); RAM does not clip
 JUDGE_SEEDS = (1, 2)  # the judges: the reward's evaluator retrained with these seeds
 SMOOTH = 3  # held-out curves are read through a trailing mean over this many evaluations
-# A curve has levelled off when the mean of its last PLATEAU_WINDOW evaluations is no higher than the
-# best smoothed value before them plus PLATEAU_TOL (common.stats.levelled_off).
-PLATEAU_WINDOW, PLATEAU_TOL = 10, 0.01
+PLATEAU_WINDOW, PLATEAU_TOL = 10, 0.01  # levelled off: the mean of the last 10 evaluations <= best before + 0.01
 
 # %% the method: advantages, the RAM target and loss, Flow-GRPO's loss
 
@@ -269,61 +260,12 @@ def grpo_round(policy, ref, opt, y, reward, cfg, g, hp, device):
     return r.mean().item(), GRPO_MINIBATCHES
 
 
-# %% Part A: the exact tilt of a 2-D Gaussian mixture (seconds)
+# %% Part A: RAM on a 2-D Gaussian mixture whose exact tilt is known (ram_tasks.py; seconds)
 
-MIX_MEANS = torch.tensor([[-2.5, 0.0], [0.0, 0.0], [2.5, 0.0]])  # three well-separated isotropic modes
-MIX_WEIGHTS = torch.tensor([0.5, 0.3, 0.2])
-MIX_STD = 0.5  # s
-LIN_W = torch.tensor([0.3, 1.5])  # r(x) = w.x: moves mass across modes (x) and every mode up (y)
-QUAD_A = 4.0  # r(x) = -a y^2 / 2: every mode keeps its weight, its y-variance s^2 becomes s^2 / (1 + m a s^2)
 TILT_M = 1.0  # m = 1 / lambda
 TILT_LR = 1e-3  # Adam learning rate of Part A's fine-tuning, decayed linearly to 0 (a stochastic fixed point)
 TILT_BATCH = 512  # endpoints per round (one prompt)
 TILT_SAMPLER_STEPS = 64  # Euler steps of Part A's rollouts: with 16 the fixed point lands ~20% short (docs/ram.md)
-
-
-class MLPVelocity(nn.Module):
-    """v(x, t) for 2-D points: x and sin/cos features of t -> three 128-wide SiLU layers -> 2."""
-
-    def __init__(self, width: int = 128):
-        super().__init__()
-        self.register_buffer("freqs", torch.arange(1, 9).float() * math.pi)
-        self.net = nn.Sequential(nn.Linear(2 + 16, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2))
-
-    def forward(self, x, t, y=None):  # x (B, 2), t (B,) -> (B, 2); y is ignored (one "prompt")
-        angle = t[:, None] * self.freqs
-        return self.net(torch.cat([x, angle.sin(), angle.cos()], 1))
-
-
-def sample_mixture(n, g, means=MIX_MEANS, weights=MIX_WEIGHTS, std=MIX_STD):
-    mode = torch.multinomial(weights, n, replacement=True, generator=g)
-    return means[mode] + std * torch.randn(n, 2, generator=g)
-
-
-def tilted_mixture(w: torch.Tensor, m: float):
-    """Closed form of p_ref(x) exp(m w.x) for the isotropic mixture: each N(mu, s^2 I) moves to
-    mu + s^2 m w, and its weight scales by exp(m w.mu + s^2 m^2 |w|^2 / 2). -> (means, weights)."""
-    s2 = MIX_STD**2
-    log_weights = MIX_WEIGHTS.log() + m * MIX_MEANS @ w + s2 * m**2 * w.pow(2).sum() / 2
-    return MIX_MEANS + s2 * m * w, torch.softmax(log_weights, 0)
-
-
-def fixed_point_shift(w: torch.Tensor, m: float) -> torch.Tensor:
-    """The mean shift RAM's fixed point itself implies at t = 1 (reconstructed, docs/ram.md): m Sigma_q w,
-    Sigma_q the tuned model's covariance, taken as the exact tilt's. The exact tilt moves the mean by
-    the integral of Sigma_beta w over beta in [0, m]. -> (2,)."""
-    means, weights = tilted_mixture(w, m)
-    d = means - weights @ means
-    cov = MIX_STD**2 * torch.eye(2) + (weights[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
-    return m * cov @ w
-
-
-def quadratic_fixed_point_var(m: float, a: float = QUAD_A, s2: float = MIX_STD**2) -> float:
-    """The y-variance RAM's fixed point asks for near t = 1 under r = -a y^2 / 2 (reconstructed):
-    with a Gaussian q = N(0, sig2) the condition reads s2 - sig2 = m a sig2^2. Near t = 0 it asks for
-    the exact s2 / (1 + m a s2); this is larger, so the noise end under-tilts."""
-    return (math.sqrt(1 + 4 * m * a * s2) - 1) / (2 * m * a)
 
 
 def target_field(base, x, w, m: float, t: float, g, width: float = 0.35):
@@ -349,11 +291,11 @@ def tilt_experiment(cfg, progress=True):
     with the pretrained MLP as the reference. Everything is seeded. -> (numbers, what the figures draw)."""
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    base = MLPVelocity()
+    base = tasks.MLPVelocity()
     opt, ema = make_optimizer(base, 2e-3), EMA(base, 0.995)
     steps = max(200, 8 * cfg.tilt_rounds)  # 3,200 at the cpu preset: mode variances within 3% of s^2
     for _ in tqdm(range(steps), desc="Part A: pretrain the 2-D flow", leave=False, disable=not progress):
-        x, eps, t = sample_mixture(512, g), torch.randn(512, 2, generator=g), torch.rand(512, generator=g)
+        x, eps, t = tasks.sample_mixture(512, g), torch.randn(512, 2, generator=g), torch.rand(512, generator=g)
         optimizer_step((base(interpolate(x, eps, t), t) - (eps - x)).pow(2).sum(1).mean(), base, opt, ema)
     ema.copy_to(base)
     noise = torch.randn(8192, 2, generator=g)  # one fixed noise for every evaluation
@@ -374,80 +316,24 @@ def tilt_experiment(cfg, progress=True):
             sched.step()
         return sample(policy)
 
-    x_base = sample(base)
-    x_lin = finetune(lambda x: x @ LIN_W)
-    means_exact, weights_exact = tilted_mixture(LIN_W, TILT_M)
-    mean_ref, mean_exact = MIX_WEIGHTS @ MIX_MEANS, weights_exact @ means_exact
+    x_base, x_lin = sample(base), finetune(lambda x: x @ tasks.LIN_W)
+    x_quad = finetune(lambda x: -tasks.QUAD_A * x[:, 1].pow(2) / 2)  # the modes sit at y = 0: it only narrows them
+    means_exact, weights_exact = tasks.tilted_mixture(tasks.LIN_W, TILT_M)
+    mean_ref, mean_exact = tasks.MIX_WEIGHTS @ tasks.MIX_MEANS, weights_exact @ means_exact
     shift = (mean_exact - mean_ref).norm()
-    mean_fixed_point = mean_ref + fixed_point_shift(LIN_W, TILT_M)
-    x_quad = finetune(lambda x: -QUAD_A * x[:, 1].pow(2) / 2)  # the modes sit at y = 0: it only narrows them
-    def weight_error(x):  # total variation between the shares of samples nearest each mode and the exact weights
-        share = torch.bincount(torch.cdist(x, means_exact).argmin(1), minlength=len(means_exact)).float() / len(x)
-        return float((share - weights_exact).abs().sum() / 2)
+    mean_fixed_point = mean_ref + tasks.fixed_point_shift(tasks.LIN_W, TILT_M)
 
-    numbers = dict(mean_error=float((x_lin.mean(0) - mean_exact).norm() / shift), weight_error=weight_error(x_lin),
+    def errors(x, prefix=""):  # relative mean error, total variation of the mode shares against the exact tilt
+        return {prefix + "mean_error": float((x.mean(0) - mean_exact).norm() / shift),
+                prefix + "weight_error": tasks.mode_share_error(x, means_exact, weights_exact)}
+
+    numbers = dict(**errors(x_lin), **errors(x_base, "base_"), exact_shift=float(shift),
                    fixed_point_mean_error=float((mean_fixed_point - mean_exact).norm() / shift),
-                   quadratic_var=float(x_quad[:, 1].var()), quadratic_var_exact=MIX_STD**2 /
-                   (1 + TILT_M * QUAD_A * MIX_STD**2), quadratic_var_fixed_point_t1=quadratic_fixed_point_var(TILT_M),
-                   base_mean_error=float((x_base.mean(0) - mean_exact).norm() / shift),
-                   base_weight_error=weight_error(x_base), base_var=float(x_base[:, 1].var()), exact_shift=float(shift))
-    field = target_field(base, x_base, LIN_W, TILT_M, 0.5, g)
+                   quadratic_var=float(x_quad[:, 1].var()), base_var=float(x_base[:, 1].var()),
+                   quadratic_var_exact=tasks.quadratic_tilt_var(TILT_M),
+                   quadratic_var_fixed_point_t1=tasks.quadratic_fixed_point_var(TILT_M))
+    field = target_field(base, x_base, tasks.LIN_W, TILT_M, 0.5, g)
     return numbers, dict(x_base=x_base, x_lin=x_lin, x_quad=x_quad, means_exact=means_exact, field=field)
-
-
-# %% Part B: the rewards (programmatic stand-ins for GenEval and PickScore, docs/ram.md)
-
-
-def lit_centre_and_size(x: torch.Tensor):
-    """x: (B, 3, S, S) in [-1, 1] -> centre (cx, cy) (B,) in pixels and equal-area radius (B,) of the lit
-    pixels (brightest channel; the faintest quarter is background, so sampler noise does not pull)."""
-    S = x.shape[-1]
-    lit = (((x.amax(1) + 1) / 2 - 0.25) / 0.75).clamp(0, 1)  # (B, S, S)
-    mass = lit.sum((1, 2)) + 1e-6
-    coords = torch.arange(S, dtype=x.dtype, device=x.device) + 0.5  # pixel centres
-    cx = (lit.sum(1) * coords).sum(1) / mass
-    cy = (lit.sum(2) * coords).sum(1) / mass
-    return cx, cy, (mass / math.pi).sqrt()
-
-
-def place_check(x: torch.Tensor, y: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Soft "is the shape in the half its prompt names" (even labels left, odd right): sigmoid of the
-    lit centre's signed distance (px) from the midline over tau. -> (B,)."""
-    cx, _, _ = lit_centre_and_size(x)
-    side = torch.where(y % 2 == 0, -1.0, 1.0).to(x.device)  # -1: left half, +1: right half
-    return torch.sigmoid(side * (cx - x.shape[-1] / 2) / tau)
-
-
-def composition_reward(x, y, class_probs) -> torch.Tensor:
-    """GenEval-style "class at position": p(prompted class | x) x place_check -> (B,). class_probs(x) ->
-    (B, n_classes): the evaluator's, or a test's stub."""
-    return class_probs(x).gather(1, y.reshape(-1, 1).to(x.device)).squeeze(1) * place_check(x, y)
-
-
-def centred_and_prominent(x: torch.Tensor) -> torch.Tensor:
-    """"A prominent, centred subject": exp(-d^2 / (2 1.5^2)) exp(-(r_eq - 4.5)^2 / 2), d the lit centre's
-    distance (px) from the image centre, r_eq the lit pixels' equal-area radius (px at 16 px). -> (B,)."""
-    cx, cy, r_eq = lit_centre_and_size(x)
-    S = x.shape[-1]
-    d2 = (cx - S / 2) ** 2 + (cy - S / 2) ** 2
-    return torch.exp(-d2 / (2 * (1.5 * S / 16) ** 2)) * torch.exp(-((r_eq - 4.5 * S / 16) ** 2) / 2)
-
-
-def preference_reward(x, y, class_probs) -> torch.Tensor:
-    """Our PickScore stand-in: centred_and_prominent x p(prompted class | x) (without the class factor
-    both methods learned to draw every class as a square blob: more lit area for its extent)."""
-    return class_probs(x).gather(1, y.reshape(-1, 1).to(x.device)).squeeze(1) * centred_and_prominent(x)
-
-
-def rewards_of(evaluators: list) -> dict:
-    """Both rewards, their class probabilities averaged over `evaluators`' scores: [the training scorer],
-    or the judges (evaluators of other seeds, which the policy never trains against)."""
-    class_probs = [lambda x, ev=ev: ev.logits(x).softmax(1).to(x.device) for ev in evaluators]
-
-    def mean_over(reward):
-        return lambda x, y: torch.stack([reward(x, y, probs) for probs in class_probs]).mean(0)
-
-    return dict(composition=mean_over(composition_reward), preference=mean_over(preference_reward))
 
 
 # %% the race: training runs, evaluation and the comparison
@@ -543,58 +429,6 @@ def race_stats(ram, grpo) -> dict:
                 half_gain_rounds_ratio=ratio(grpo_at_half, ram_at_half, "rounds"))
 
 
-def diversity(features: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean pairwise distance of unit-normalised evaluator features within a class, over classes."""
-    per_class = []
-    for c in y.unique():
-        f = features[y == c]
-        i, j = torch.triu_indices(len(f), len(f), 1)
-        per_class.append(paired_distance(f[i], f[j]).mean())
-    return float(torch.stack(per_class).mean())
-
-
-# %% the sweep behind the defaults: each method's learning rate, at the race's horizon
-
-SWEEP_LR = dict(ram=(3e-4, 1e-3, 3e-3), grpo=(1e-4, 3e-4, 1e-3))  # the rest fixed: m, EMA; clip, official beta
-
-
-def sweep_run(cfg, base, reward, judge, held_out, device, method: str, lr: float, progress=True) -> dict:
-    """One setting on the composition reward, scored as the race reads it: the peak of the smoothed
-    held-out curve under the judges within the race's horizon (--rounds, evaluated every --eval-every
-    rounds). The run stops early once it has levelled off: its peak is then behind it."""
-    fixed = dict(ram=dict(m=cfg.ram_m, ema=EMA_OLD), grpo=dict(clip=cfg.grpo_clip, beta=GRPO_BETA["composition"]))
-    t0 = time.perf_counter()
-    curve, _ = train_method(method, base, reward, cfg, dict(lr=lr, **fixed[method]), cfg.rounds, held_out, device,
-                            cfg.seed + 1, progress=progress, judge=judge, stop_at_plateau=True)
-    peak = max(curve["smoothed"])
-    return dict(method=method, lr=lr, **fixed[method], score=peak,
-                round_of_peak=curve["rounds"][curve["smoothed"].index(peak)], rounds_run=curve["rounds"][-1],
-                levelled_off=plateaued(curve["reward"]), proxy_peak=max(trailing_mean(curve["proxy"], SMOOTH)),
-                wall_seconds=round(time.perf_counter() - t0, 1), rounds=curve["rounds"], reward=curve["reward"])
-
-
-def sweep_summary(cfg, base_reward: float, rows: list) -> dict:
-    """Per method: the learning rates tried, the best-scoring one, and whether it is interior."""
-    out = dict(base=base_reward, rounds=cfg.rounds, eval_every=cfg.eval_every, n_eval=max(18, cfg.n_eval // 2),
-               rows=rows)
-    for method in sorted({row["method"] for row in rows}):
-        mine = sorted((row for row in rows if row["method"] == method), key=lambda row: row["lr"])
-        grid, best = [row["lr"] for row in mine], max(mine, key=lambda row: row["score"])
-        out[method] = dict(lr_grid=grid, chosen_lr=best["lr"], rounds=cfg.rounds,
-                           interior=0 < grid.index(best["lr"]) < len(grid) - 1)
-    return out
-
-
-def sweep(cfg, base, reward, judge, device, methods=("ram", "grpo"), progress=True) -> dict:
-    """SWEEP_LR of each method, one setting after the other, on held-out noises of the sweep's own
-    (half as many, never the reported ones)."""
-    y, noise = held_out_set(dataclasses.replace(cfg, n_eval=max(18, cfg.n_eval // 2)), base, cfg.seed + 555)
-    held_out = (y, noise, judge(sample_images(base, y, noise, cfg.ode_steps), y).mean().item())
-    rows = [sweep_run(cfg, base, reward, judge, held_out, device, method, lr, progress)
-            for method in methods for lr in SWEEP_LR[method]]
-    return sweep_summary(cfg, held_out[2], rows)
-
-
 # %% figures (drawn from the saved numbers and the models' own state)
 
 
@@ -688,7 +522,7 @@ def models_and_scorers(cfg, device):
     base, _ = pretrain.base_model(pcfg, device)
     evaluators = [get_evaluator(pcfg.dataset, pcfg.size, device, pcfg.eval_steps, pcfg.seed + s)[0]
                   for s in (0, *JUDGE_SEEDS)]
-    return base, rewards_of(evaluators[:1]), rewards_of(evaluators[1:]), evaluators[0], evaluators[1:]
+    return base, tasks.rewards_of(evaluators[:1]), tasks.rewards_of(evaluators[1:]), evaluators[0], evaluators[1:]
 
 
 def race(cfg, rname, base, rewards, judges, evaluator, judge_evs, held_out, x_base, device) -> tuple:
@@ -706,7 +540,7 @@ def race(cfg, rname, base, rewards, judges, evaluator, judge_evs, held_out, x_ba
                ram_final=ram["reward"][-1], grpo_final=grpo["reward"][-1],
                proxy_final=dict(ram=ram["proxy"][-1], grpo=grpo["proxy"][-1]),
                fd_to_base={m: evaluator.fd(finals[m], x_base) for m in ("ram", "grpo")},
-               diversity={m: diversity(evaluator.features(x), y) for m, x in finals.items()},
+               diversity={m: within_class_diversity(evaluator.features(x), y) for m, x in finals.items()},
                class_accuracy={m: evaluator.accuracy(x, y) for m, x in finals.items()},
                class_accuracy_judges={m: sum(ev.accuracy(x, y) for ev in judge_evs) / len(judge_evs)
                                       for m, x in finals.items()})
@@ -718,15 +552,6 @@ def run(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     out = run_dir(cfg, "ram")
     torch.manual_seed(cfg.seed)
-    if cfg.sweep != "none":  # the sweep alone, instead of the race
-        base, rewards, judges, _, _ = models_and_scorers(cfg, device)
-        methods = ("ram", "grpo") if cfg.sweep == "both" else (cfg.sweep,)
-        res = sweep(cfg, base, rewards["composition"], judges["composition"], device, methods)
-        save_json(out / "sweep.json", {**res, "seconds": round(time.perf_counter() - t_start, 1)})
-        print_table([(r["method"], r["lr"], r["score"], r["round_of_peak"], r["rounds_run"]) for r in res["rows"]],
-                    ("method", "learning rate", "peak (judges, smoothed)", "its round", "rounds run"))
-        return res
-
     tilt, points = tilt_experiment(cfg)
     figure_method(out, points)
     phase_seconds = dict(part_a=round(time.perf_counter() - t_start, 1))
@@ -746,22 +571,20 @@ def run(cfg: Config) -> dict:
         constants=dict(weight_decay=WEIGHT_DECAY, sde_noise=SDE_NOISE, grpo_minibatches=GRPO_MINIBATCHES,
                        grpo_step_fraction=GRPO_STEP_FRACTION, adv_clip_grpo=ADV_CLIP, smooth=SMOOTH,
                        plateau_window=PLATEAU_WINDOW, plateau_tol=PLATEAU_TOL, judge_seeds=JUDGE_SEEDS),
-        metric_note="'reward': held-out noises scored by the judges (evaluators of other seeds); 'proxy': the "
-                    "training scorer on the same samples; fd_to_base: evaluator Frechet distance to the base's "
-                    "samples; diversity: mean within-class pairwise feature distance; seconds: training only",
-        seconds=round(time.perf_counter() - t_start, 1))
-    save_json(out / "results.json", results)
+        metric_note="reward: the judges' score of held-out samples; proxy: the training scorer's; seconds: "
+                    "training only; the rest: docs/ram.md, Numbers", seconds=round(time.perf_counter() - t_start, 1))
     figures(out, results_rewards, samples)
+    save_json(out / "results.json", results)  # last: a folder holds results.json only when its run finished
 
-    print_table([(f"Part A: {k}", v) for k, v in tilt.items()] + [("seconds", results["seconds"])])
     print_table([(rname, m, res[f"{m}_final"], res["proxy_final"][m], max(res[m]["smoothed"]), res[m]["rounds"][-1],
                   res["fd_to_base"][m], res["diversity"][m], res["class_accuracy_judges"][m])
                  for rname, res in results_rewards.items() for m in ("ram", "grpo")],
                 ("reward", "method", "final (judges)", "final (training scorer)", "best (smoothed)", "rounds run",
                  "FD to base", "diversity", "class accuracy (judges)"))
-    print_table([(f"{rname}: {k}", res[k]) for rname, res in results_rewards.items()
-                 for k in ("base_reward", "grpo_peak", "grpo_plateaued", "ram_peak", "rounds_ratio", "opt_steps_ratio",
-                           "seconds_ratio", "half_gain_rounds_ratio")])
+    race_keys = ("base_reward", "grpo_peak", "grpo_plateaued", "ram_peak", "rounds_ratio", "opt_steps_ratio",
+                 "seconds_ratio", "half_gain_rounds_ratio")
+    print_table([(f"Part A: {k}", v) for k, v in tilt.items()] + [("seconds", results["seconds"])] +
+                [(f"{rname}: {k}", res[k]) for rname, res in results_rewards.items() for k in race_keys])
     print_table([(c["claim"], c["paper"], c["ours"], c["reproduced"]) for c in results["claims"]],
                 ("claim", "paper", "ours", "reproduced"))
     print(f"wrote {out}/results.json and figures")

@@ -83,6 +83,17 @@ def paired_distance(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
     return (F.normalize(fa, dim=1) - F.normalize(fb, dim=1)).norm(dim=1)
 
 
+def within_class_diversity(features: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean pairwise `paired_distance` of the features (N, d) within each label of y (N,), averaged over
+    the labels: 0 when every sample of a class looks the same (a collapsed, reward-hacked model)."""
+    per_class = []
+    for c in y.unique():
+        f = features[y == c]
+        i, j = torch.triu_indices(len(f), len(f), 1)
+        per_class.append(paired_distance(f[i], f[j]).mean())
+    return float(torch.stack(per_class).mean())
+
+
 def paired_cosine(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
     """Cosine similarity per pair (B,) (DINOv2-similarity stand-in)."""
     return F.cosine_similarity(fa, fb, dim=1)

@@ -17,14 +17,16 @@ import torch
 from common.config import run_dir
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY = {"pretrain": "common.pretrain", "ram": "ram", "forcing_kv": "forcing_kv", "lfm_stability": "lfm_stability",
+ENTRY = {"pretrain": "common.pretrain", "ram": "ram", "ram_sweep": "ram_sweep",
+         "forcing_kv": "forcing_kv", "lfm_stability": "lfm_stability",
          "attention_sinks": "attention_sinks", "time_blind_fm": "time_blind_fm", "reproduce": "common.reproduce"}
 EVERY = ([["--bogus", "1"], ["--preset", "huge"], ["--seed", "-1"], ["--device", "tpu"], ["--seed", "nan"]]
          + ([] if torch.cuda.is_available() else [["--device", "cuda"]]))
 BATTERY = {
     "pretrain": [["--ema", "2"], ["--ema", "1"], ["--p-uncond", "1.5"], ["--size", "18"], ["--steps", "0"],
                  ["--model", "huge"], ["--dataset", "cifar"], ["--lr", "nan"]],
-    "ram": [["--group", "1"], ["--rounds", "0"], ["--ram-lr", "-1"], ["--n-eval", "3"], ["--sweep", "maybe"]],
+    "ram": [["--group", "1"], ["--rounds", "0"], ["--ram-lr", "-1"], ["--n-eval", "3"]],
+    "ram_sweep": [["--methods", "maybe"], ["--rounds", "0"]],
     "forcing_kv": [["--chunks", "1"], ["--sizes", "16,x"], ["--sizes", "18"],
                    ["--threshold", "1.5"], ["--attention", "cuda"]],
     "lfm_stability": [["--clusters", "100000"], ["--steps", "0"]],

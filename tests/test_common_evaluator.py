@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common.evaluator import frechet_distance, get_evaluator, paired_cosine, paired_distance
+from common.evaluator import frechet_distance, get_evaluator, paired_cosine, paired_distance, within_class_diversity
 
 
 def test_frechet_distance_against_closed_form():
@@ -39,3 +39,11 @@ def test_evaluator_trains_caches_and_scores(monkeypatch):
     assert torch.equal(ev.logits(x), ev2.logits(x))
     assert ev.label_logprob(x, y).shape == (4,) and (ev.label_logprob(x, y) <= 0).all()
     assert ev.features(x).shape == (4, 64)
+
+
+def test_within_class_diversity_averages_pairwise_distances_per_class():
+    """Class 0: two opposite features (distance 2); class 1: three identical ones (0): mean over classes 1.
+    A version that pooled all pairs, or averaged over pairs instead of classes, gives another number."""
+    f = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [0.0, 3.0]])
+    y = torch.tensor([0, 0, 1, 1, 1])
+    assert within_class_diversity(f, y) == pytest.approx(1.0)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import ram
+import ram_sweep
+import ram_tasks
 from common.data import render_shapes
 from common.dit import TinyDiT
 from common.sampler import sde_mean
@@ -195,26 +197,26 @@ def oracle_of(drawn):
 def test_composition_reward_needs_the_right_class_in_the_right_place():
     drawn = torch.tensor([0, 0, 1, 1])  # red circle (even label: left half), green circle (odd: right half)
     x = _shapes(drawn.tolist(), [4.5, 11.5, 11.5, 4.5])
-    r = ram.composition_reward(x, drawn, oracle_of(drawn))
+    r = ram_tasks.composition_reward(x, drawn, oracle_of(drawn))
     assert r[0] > 0.9 and r[2] > 0.9 and r[1] < 0.1 and r[3] < 0.1  # right class: right half / wrong half
-    assert ram.composition_reward(x, torch.tensor([2, 2, 3, 3]), oracle_of(drawn)).max() < 1e-6  # wrong class
+    assert ram_tasks.composition_reward(x, torch.tensor([2, 2, 3, 3]), oracle_of(drawn)).max() < 1e-6  # wrong class
 
 
 def test_place_check_reads_the_centre_of_the_lit_pixels():
     cx = torch.linspace(4.5, 11.5, 8).tolist()
     x = _shapes([0] * 8, cx)
-    assert torch.allclose(ram.lit_centre_and_size(x)[0], torch.tensor(cx), atol=0.05)
-    left = ram.place_check(x, torch.zeros(8, dtype=torch.long))
+    assert torch.allclose(ram_tasks.lit_centre_and_size(x)[0], torch.tensor(cx), atol=0.05)
+    left = ram_tasks.place_check(x, torch.zeros(8, dtype=torch.long))
     assert torch.all(left[1:] < left[:-1]) and left[0] > 0.95 and left[-1] < 0.05  # tau = 1 px: smooth
-    assert torch.allclose(left + ram.place_check(x, torch.ones(8, dtype=torch.long)), torch.ones(8))
+    assert torch.allclose(left + ram_tasks.place_check(x, torch.ones(8, dtype=torch.long)), torch.ones(8))
 
 
 def test_preference_prefers_a_large_centred_shape_of_the_prompted_class():
     x = torch.cat([_shapes([0], [8.0], r=4.5), _shapes([0], [5.5], r=4.5), _shapes([0], [8.0], r=2.5),
                    _shapes([3], [8.0], r=4.5)])  # ... and a large centred red SQUARE
-    p = ram.preference_reward(x, torch.zeros(4, dtype=torch.long), oracle_of(torch.tensor([0, 0, 0, 3])))
+    p = ram_tasks.preference_reward(x, torch.zeros(4, dtype=torch.long), oracle_of(torch.tensor([0, 0, 0, 3])))
     assert p[0] > 0.8 and p[0] > p[1] + 0.3 and p[0] > p[2] + 0.3
-    assert p[3] < 1e-6 and ram.centred_and_prominent(x)[3] > 0.8  # shape cues alone would reward the square
+    assert p[3] < 1e-6 and ram_tasks.centred_and_prominent(x)[3] > 0.8  # shape cues alone would reward the square
 
 
 # --- Part A ------------------------------------------------------------------------------------
@@ -222,27 +224,28 @@ def test_preference_prefers_a_large_centred_shape_of_the_prompted_class():
 
 def test_tilted_mixture_matches_reweighted_samples():
     """Oracle check of the closed form: importance-reweight reference samples by exp(m w.x)."""
-    x = ram.sample_mixture(400_000, torch.Generator().manual_seed(0))
-    wts = torch.softmax(x.double() @ ram.LIN_W.double() * ram.TILT_M, 0)
-    means, weights = ram.tilted_mixture(ram.LIN_W, ram.TILT_M)
+    x = ram_tasks.sample_mixture(400_000, torch.Generator().manual_seed(0))
+    wts = torch.softmax(x.double() @ ram_tasks.LIN_W.double() * ram.TILT_M, 0)
+    means, weights = ram_tasks.tilted_mixture(ram_tasks.LIN_W, ram.TILT_M)
     assert torch.allclose((wts[:, None] * x.double()).sum(0).float(), weights @ means, atol=0.02)
 
 
 def test_fixed_point_shift_is_exact_for_one_gaussian_and_short_for_the_mixture(monkeypatch):
-    w, m = ram.LIN_W, ram.TILT_M
-    means, weights = ram.tilted_mixture(w, m)
-    exact = weights @ means - ram.MIX_WEIGHTS @ ram.MIX_MEANS
-    fp = ram.fixed_point_shift(w, m)
+    w, m = ram_tasks.LIN_W, ram.TILT_M
+    means, weights = ram_tasks.tilted_mixture(w, m)
+    exact = weights @ means - ram_tasks.MIX_WEIGHTS @ ram_tasks.MIX_MEANS
+    fp = ram_tasks.fixed_point_shift(w, m)
     assert torch.allclose(fp[1], exact[1]) and fp[0] < exact[0] - 0.01  # the modes re-weight along x only
-    monkeypatch.setattr(ram, "MIX_MEANS", torch.tensor([[1.0, -2.0]]))
-    monkeypatch.setattr(ram, "MIX_WEIGHTS", torch.tensor([1.0]))
-    assert torch.allclose(ram.fixed_point_shift(w, m), ram.MIX_STD**2 * m * w)  # one Gaussian: s^2 m w, exact
+    monkeypatch.setattr(ram_tasks, "MIX_MEANS", torch.tensor([[1.0, -2.0]]))
+    monkeypatch.setattr(ram_tasks, "MIX_WEIGHTS", torch.tensor([1.0]))
+    one_gaussian = ram_tasks.MIX_STD**2 * m * w  # s^2 m w: exact for one Gaussian
+    assert torch.allclose(ram_tasks.fixed_point_shift(w, m), one_gaussian)
 
 
 def test_quadratic_fixed_point_var_solves_the_condition_near_t1():
     """Independent oracle: the Gaussian fixed-point condition k_ref - k_q = m a k_q tau_q^2 at a time
     t close to 1, solved by bisection, against the closed form of its limit."""
-    s2, a, m, t = ram.MIX_STD**2, ram.QUAD_A, ram.TILT_M, 0.9999
+    s2, a, m, t = ram_tasks.MIX_STD**2, ram_tasks.QUAD_A, ram.TILT_M, 0.9999
 
     def var_xt(v):  # Var(y_t) for y ~ N(0, v)
         return (1 - t) ** 2 * v + t**2
@@ -255,7 +258,7 @@ def test_quadratic_fixed_point_var_solves_the_condition_near_t1():
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if gap(mid) > 0 else (lo, mid)
-    got = ram.quadratic_fixed_point_var(m)
+    got = ram_tasks.quadratic_fixed_point_var(m)
     assert abs(got - lo) < 1e-3
     assert s2 / (1 + m * a * s2) < got < s2  # under-tilted: between the exact variance and the reference's
 
@@ -265,7 +268,7 @@ def test_part_a_smoke_moves_the_mean_toward_the_exact_tilt():
     assert res["mean_error"] < 0.7 * res["base_mean_error"] and res["quadratic_var"] < res["base_var"]
     xt, A, grid, v_ref, target, density = points["field"]
     # where samples go (-v): the target sends them further along w, towards higher reward, than v_ref does
-    assert ((v_ref - target)[density > 20] @ ram.LIN_W).mean() > 0
+    assert ((v_ref - target)[density > 20] @ ram_tasks.LIN_W).mean() > 0
 
 
 # --- the race ----------------------------------------------------------------------------------
@@ -291,13 +294,20 @@ def test_race_stats_on_a_hand_made_race():
 @pytest.mark.parametrize("flags, words", [
     (["--group", "1"], "--group"), (["--rounds", "36"], "plateau"), (["--preference-rounds", "39"], "plateau"),
     (["--eval-every", "100"], "plateau"), (["--n-eval", "9"], "--n-eval"), (["--sde-steps", "1"], "--sde-steps"),
-    (["--grpo-clip", "1.5"], "--grpo-clip"), (["--sweep", "all"], "--sweep"),
+    (["--grpo-clip", "1.5"], "--grpo-clip"),
 ])
 def test_bad_input_is_refused_in_one_line(capsys, flags, words):
     with pytest.raises(SystemExit) as e:
         ram.main(["--preset", "cpu", *flags])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and words in err and len(err.splitlines()) == 1
+
+
+def test_the_sweep_refuses_an_unknown_method_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        ram_sweep.main(["--preset", "smoke", "--methods", "all"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--methods" in err and len(err.splitlines()) == 1
 
 
 def test_the_sweep_scores_each_learning_rate_by_its_peak_and_reports_the_interior_choice(monkeypatch):
@@ -313,8 +323,8 @@ def test_the_sweep_scores_each_learning_rate_by_its_peak_and_reports_the_interio
 
     monkeypatch.setattr(ram, "train_method", fake_train)
     monkeypatch.setattr(ram, "sample_images", lambda *a, **k: torch.zeros(18, 3, 8, 8))
-    cfg = ram.Config(n_eval=18)
-    res = ram.sweep(cfg, tiny_dit(), lambda x, y: torch.zeros(len(x)), lambda x, y: torch.zeros(len(x)), "cpu",
+    cfg = ram_sweep.Config(n_eval=18)
+    res = ram_sweep.sweep(cfg, tiny_dit(), lambda x, y: torch.zeros(len(x)), lambda x, y: torch.zeros(len(x)), "cpu",
                     progress=False)
     assert {m for m, _, rounds, stop in calls if rounds == cfg.rounds and stop} == {"ram", "grpo"}
     for method, chosen in (("ram", 1e-3), ("grpo", 3e-4)):
