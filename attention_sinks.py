@@ -35,7 +35,7 @@ Convention (common/flow.py): t = 0 data, t = 1 noise; sampling runs from t = 1 t
     Sampling: 20 Euler steps, as the official runs; no CFG (the docs page says why).
 
 Run
-    python attention_sinks.py                  # cpu preset: 284 s with its model cached (training it: 477 s, once)
+    python attention_sinks.py                  # cpu preset: 322 s with its model cached (842 s the first time)
     python attention_sinks.py --preset smoke   # seconds, what the tests run
     python attention_sinks.py --preset gpu     # 1,024 pairs, k up to 10 (not measured yet)
 """

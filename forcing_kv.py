@@ -28,7 +28,7 @@ Conventions (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, 
     Self Forcing and Wan. F = 3 frames per chunk, S Euler steps, N tokens per frame, H heads, L layers.
 
 Run
-    python forcing_kv.py                     # cpu preset, 2 CPU cores: training 640 s once (cached), then 95 s
+    python forcing_kv.py                     # cpu preset, 2 CPU cores: training 683 s once (cached), then 100 s
     python forcing_kv.py --preset gpu        # GPU (not measured yet)
     python forcing_kv.py --preset smoke      # seconds, what the tests run
     python forcing_kv.py --bench true        # one chunk-attention call: full SDPA / gather + SDPA / fused kernel

@@ -27,7 +27,7 @@ Convention (common/flow.py): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, t
     weight: p*(x) ~ p_ref(x) exp(r(x) / lambda).
 
 Run (2 CPU cores, AMD EPYC, base model cached)
-    python ram.py                    # cpu preset: Part A, both rewards, both methods (728 s)
+    python ram.py                    # cpu preset: Part A, both rewards, both methods (611 s)
     python ram_sweep.py              # the learning-rate sweep behind the defaults (730 s)
     python ram.py --preset smoke     # seconds, what the tests run
     python ram.py --preset gpu       # not measured yet

@@ -33,7 +33,7 @@ Estimator* (our t): U the data's top-k principal directions plus its mean, c its
     t_hat = (c + sqrt(max(0, (1 + c) q - c))) / (1 + c), with RMSE ~ t / sqrt(2 (d - k)).
 
 Run
-    python time_blind_fm.py                    # cpu preset: 358 s on 2 CPU cores (22 s with its nets cached)
+    python time_blind_fm.py                    # cpu preset: 349 s on 2 CPU cores (25 s with its nets cached)
     python time_blind_fm.py --preset gpu       # larger nets, GPU (not measured yet)
     python time_blind_fm.py --preset smoke     # seconds, what the tests run
     python time_blind_fm.py --dataset mnist    # real digits: the MNIST files (docs/running.md)

@@ -34,7 +34,7 @@ class Config(BaseConfig):
     size: int = field(16, "image side in pixels; 16 keeps a CPU run in minutes")
     model: str = field("s", "TinyDiT size preset (xs, s, m, l; see common/dit.py)", choices=tuple(SIZES))
     patch: int = field(4, "patch size P: 4 gives 16 tokens at 16 px, cheap on a CPU")
-    steps: int = field(3000, "optimizer steps (about 250 s on 2 CPU cores at batch 64)")
+    steps: int = field(3000, "optimizer steps (about 160 s on 2 CPU cores at batch 64)")
     batch: int = field(64, "batch size; on a CPU more, smaller steps beat fewer large ones")
     lr: float = field(2e-3, "AdamW learning rate; high, because the model is tiny and the run short")
     ema: float = field(0.999, "EMA decay of the weights we sample with (warmed up in common/train.py)", min=0,

@@ -35,7 +35,7 @@ from common.plot import save_overview
 STEPS = (
     ("pretrain", ["-m", "common.pretrain"], False),
     ("ram", ["ram.py"], False),
-    ("attention_sinks", ["attention_sinks.py"], False),
+    ("attention_sinks", ["attention_sinks.py"], True),
     ("time_blind_fm", ["time_blind_fm.py"], True),
     ("lfm_stability", ["lfm_stability.py"], True),
     ("forcing_kv", ["forcing_kv.py"], True),

@@ -2,7 +2,7 @@
 
 import torch
 
-from common.cost import dit_step, train_step_cost
+from common.cost import dit_step, scaled, train_step_cost
 from common.dit import TinyDiT
 
 
@@ -26,3 +26,20 @@ def test_a_dit_step_grows_linearly_with_the_batch():
     one, two = (train_step_cost(dit_step(model, b), model) for b in (4, 8))
     assert two["flops"] == 2 * one["flops"] > 0
     assert two["activation_bytes"] == 2 * one["activation_bytes"] > 0
+    assert one["passes"] == two["passes"] == 1  # one forward call of the network per step
+    assert scaled(one, 2) == dict(two)  # what the cost table does for a step counted at a cut batch
+
+
+def test_passes_count_every_forward_call_of_every_module_read():
+    """A round that samples with one network and trains another: each call counted, the weights of both
+    left out of the activations."""
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+
+    def step():
+        with torch.no_grad():
+            z = b(b(x))  # two sampling passes: nothing saved
+        a(z).sum().backward()
+
+    c = train_step_cost(step, [a, b])
+    assert c["passes"] == 3 and c["activation_bytes"] == 4 * 3 * 4  # only a's input z
