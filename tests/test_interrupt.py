@@ -21,8 +21,11 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_no_results(entry, tmp_path)
     out.mkdir()
     (out / "results.json").write_text("{}")  # an earlier run's results: they must not outlive this run's start
     env = dict(os.environ, CHECKPOINT_DIR=str(tmp_path / "ckpt"), PYTHONUNBUFFERED="1")
+    # A shell that starts the suite in the background (`pytest &` in a script) hands its children SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt: give the run the default, as a terminal does.
     proc = subprocess.Popen([sys.executable, *entry, "--preset", "smoke", "--out", str(out)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not (out / "config.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
