@@ -13,6 +13,7 @@ not by arithmetic.
 import contextlib
 import os
 import tempfile
+from unittest import mock
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,13 +26,14 @@ def train_step_cost(step, model) -> dict:
     sharing a parameter's storage); passes: forward calls of the modules (kernel launches scale with them)."""
     models = model if isinstance(model, (list, tuple)) else [model]
     weights = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
-    seen, total, passes = set(), [0], [0]
+    seen, total, passes, alive = set(), [0], [0], []
 
     def pack(t):
         key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.storage_offset())
         if key not in seen and key[0] not in weights:
             seen.add(key)
             total[0] += t.numel() * t.element_size()
+            alive.append(t)  # held to the end: a freed storage's address reused later would look "seen"
         return t
 
     hooks = [m.register_forward_hook(lambda *args: passes.__setitem__(0, passes[0] + 1)) for m in models]
@@ -68,13 +70,8 @@ LAUNCH_SECONDS = 2e-3  # per network pass (forward, or forward and backward)
 def scratch_checkpoints():
     """CHECKPOINT_DIR pointed at a temporary folder: a script's training loop, run for one step to be
     counted, caches its model there and leaves the real checkpoints alone."""
-    old = os.environ.get("CHECKPOINT_DIR")
-    with tempfile.TemporaryDirectory() as folder:
-        os.environ["CHECKPOINT_DIR"] = folder
-        try:
-            yield
-        finally:
-            os.environ.pop("CHECKPOINT_DIR") if old is None else os.environ.__setitem__("CHECKPOINT_DIR", old)
+    with tempfile.TemporaryDirectory() as folder, mock.patch.dict(os.environ, CHECKPOINT_DIR=folder):
+        yield
 
 
 def scaled(c: dict, factor: float) -> dict:
@@ -126,12 +123,8 @@ def presets() -> list:
     ctx = vc.train_frames - fk.FRAMES_PER_CHUNK
 
     def video_step():  # forcing_kv's own teacher-forcing loop, one step, on the network counted here
-        real, fk.make_model = fk.make_model, lambda cfg: video
-        try:
-            with scratch_checkpoints():
-                fk.train_video_model(vc, cpu)
-        finally:
-            fk.make_model = real
+        with scratch_checkpoints(), mock.patch.object(fk, "make_model", lambda cfg: video):
+            fk.train_video_model(vc, cpu)
 
     rows.append((f"forcing_kv's video model, {vc.size} px", f"{(vc.size // fk.PATCH) ** 2} tokens x "
                  f"{ctx + vc.train_frames} frames x {vc.batch}", fk.Config(preset="gpu").steps,

@@ -43,3 +43,18 @@ def test_passes_count_every_forward_call_of_every_module_read():
 
     c = train_step_cost(step, [a, b])
     assert c["passes"] == 3 and c["activation_bytes"] == 4 * 3 * 4  # only a's input z
+
+
+def test_a_step_with_two_updates_counts_the_saved_tensors_of_both():
+    """Flow-GRPO's round backs up twice: the first update's saved tensors are freed before the second is
+    built, and a storage address reused by the second must not read as already counted."""
+    layer = torch.nn.Linear(64, 64)
+
+    def one():
+        torch.relu(layer(torch.randn(32, 64))).sum().backward()
+
+    def two():
+        one()
+        one()
+
+    assert train_step_cost(two, layer)["activation_bytes"] == 2 * train_step_cost(one, layer)["activation_bytes"]
